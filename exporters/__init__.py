@@ -1,0 +1,1 @@
+"""Writers of a materialized slimc model: one model + one plan in, one deployable artifact out."""

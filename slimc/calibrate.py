@@ -1,0 +1,106 @@
+"""Calibration plumbing: catch the first block's inputs, run one block over all cached samples, and
+accumulate H = 2/n X^T X for chosen linears. Only one block is ever worked on at a time; the cached hidden
+states live on `cache_device` (CPU when pruning on a GPU)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class _Caught(Exception):
+    pass
+
+
+@dataclass
+class BlockInputs:
+    hidden: torch.Tensor  # [n_samples, seq_len, hidden]
+    kwargs: dict  # shared keyword inputs of every block (position embeddings, mask, position ids)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.model.layers
+
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+@torch.no_grad()
+def catch_block_inputs(model: nn.Module, samples: torch.Tensor, device: torch.device | str = "cpu",
+                       cache_device: torch.device | str = "cpu") -> BlockInputs:
+    """Run the model up to its first decoder block for every sample and keep that block's inputs.
+    Samples are run one at a time, so the kwargs (rotary embeddings, mask) have batch 1 and broadcast."""
+    layer0 = decoder_layers(model)[0]
+    seen: dict = {}
+
+    def hook(module, args, kwargs):
+        seen["hidden"] = args[0] if args else kwargs["hidden_states"]
+        seen["kwargs"] = {k: v for k, v in kwargs.items()
+                          if k not in ("hidden_states", "past_key_values", "past_key_value", "use_cache")}
+        raise _Caught
+
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    hidden = []
+    try:
+        for i in range(samples.shape[0]):
+            try:
+                model(samples[i : i + 1].to(device), use_cache=False)
+            except _Caught:
+                pass
+            hidden.append(seen["hidden"].to(cache_device))
+    finally:
+        handle.remove()
+    return BlockInputs(torch.cat(hidden), _to(seen["kwargs"], device))
+
+
+class HessianAccumulator:
+    """Running H = 2/n sum X^T X of a linear's input, via a forward pre-hook."""
+
+    def __init__(self, linear: nn.Linear):
+        n = linear.in_features
+        self.H = torch.zeros(n, n, dtype=torch.float64, device=linear.weight.device)
+        self.n = 0
+        self.handle = linear.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        m = x.shape[0]
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        x = x * (2 / self.n) ** 0.5
+        self.H += (x.T @ x).double()
+
+    def remove(self) -> torch.Tensor:
+        self.handle.remove()
+        return self.H
+
+
+@contextmanager
+def collect_hessians(block: nn.Module, paths: list[str]):
+    accs = {p: HessianAccumulator(block.get_submodule(p)) for p in paths}
+    try:
+        yield accs
+    finally:
+        for a in accs.values():
+            a.handle.remove()
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs, batch_size: int, device, keep_outputs: bool = True) -> torch.Tensor | None:
+    """Forward every cached sample through `block` in batches; returns the outputs on the cache device."""
+    outs = []
+    hidden = inputs.hidden
+    for start in range(0, hidden.shape[0], batch_size):
+        x = hidden[start : start + batch_size].to(device)
+        y = block(x, **inputs.kwargs)
+        y = y[0] if isinstance(y, tuple) else y
+        if keep_outputs:
+            outs.append(y.to(hidden.device))
+    return torch.cat(outs) if keep_outputs else None

@@ -1,0 +1,112 @@
+"""Command line: `slimc compile`, `slimc eval`, `slimc assets fetch`. User errors print one line, exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import SlimcError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slimc", description="Make Hugging Face causal LMs structurally smaller.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="prune a model and write a smaller checkpoint")
+    c.add_argument("model", help="local HF dir, .gguf file, hub id, or built-in name (smollm2-135m)")
+    c.add_argument("-o", "--output", required=True, help="output directory (must not exist)")
+    c.add_argument("--sparsity", type=float, default=0.2, help="fraction of decoder-block attention+FFN params to remove")
+    c.add_argument("--target", default="hf", choices=["hf", "vllm", "onnx"])
+    c.add_argument("--method", default="slimgpt", choices=["slimgpt", "magnitude"])
+    c.add_argument("--schedule", default="log", choices=["log", "linear", "uniform"])
+    c.add_argument("--calib", default="brown", help="brown | wikitext2 | c4 | PATH to a .txt file or directory")
+    c.add_argument("--calib-samples", type=int, default=128)
+    c.add_argument("--seq-len", type=int, default=512)
+    c.add_argument("--gqa", default="groups", choices=["groups", "query"],
+                   help="groups: drop whole KV groups; query: drop query heads evenly from every group")
+    c.add_argument("--align-ffn", type=int, default=1, help="round kept FFN widths to a multiple of this")
+    c.add_argument("--tp", type=int, default=1, help="make every layer valid for this tensor-parallel size")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the source's)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="cpu", help="cpu | cuda")
+    c.add_argument("--batch-size", type=int, default=8, help="calibration samples per block forward")
+    c.add_argument("--plan-only", action="store_true", help="write only the plan (per-layer widths)")
+    c.add_argument("--plan", help="reuse the per-layer widths of a plan JSON")
+    c.add_argument("--no-compensate", dest="compensate", action="store_false", help="ablation: no OBS weight update")
+    c.add_argument("--head-score", default="grouped", choices=["grouped", "column"],
+                   help="ablation: score heads by summed per-column errors")
+    c.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+
+    e = sub.add_parser("eval", help="perplexity of a model or a compiled output")
+    e.add_argument("model")
+    e.add_argument("--ppl", default="brown", help="brown | wikitext2 | c4 | PATH")
+    e.add_argument("--seq-len", type=int, default=2048)
+    e.add_argument("--max-tokens", type=int, default=100_000, help="score the first N tokens (0: all)")
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", help="also write the result as JSON to this path")
+
+    a = sub.add_parser("assets", help="offline default assets (SmolLM2 GGUF, Brown corpus)")
+    a.add_argument("action", choices=["fetch", "path"])
+    return p
+
+
+def _compile(args) -> None:
+    from .compile import compile_model
+    from .config import CompileConfig
+
+    opts = {k: v for k, v in vars(args).items() if k != "command"}
+    compile_model(CompileConfig(**opts))
+    print(f"wrote {args.output}")
+
+
+def _eval(args) -> None:
+    from . import data
+    from .evaluate import perplexity
+    from .load import load_model
+
+    if args.seq_len < 2:
+        raise SlimcError("--seq-len must be at least 2")
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, allow_slimc=True)
+    windows = data.eval_windows(loaded.tokenizer, args.ppl, args.seq_len, args.max_tokens or None)
+    r = perplexity(loaded.model, windows, args.batch_size)
+    r.update(model=args.model, text=args.ppl, seq_len=args.seq_len, windows=int(windows.shape[0]))
+    print(f"perplexity {r['ppl']:.3f} over {r['tokens']:,} tokens ({r['windows']} windows of {args.seq_len}) "
+          f"on {args.ppl}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=2)
+
+
+def _assets(args) -> None:
+    from . import assets
+
+    paths = assets.fetch_all()
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        {"compile": _compile, "eval": _eval, "assets": _assets}[args.command](args)
+    except SlimcError as e:
+        print(f"slimc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slimc: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("slimc: error: out of memory: lower --calib-samples / --batch-size or use --device cuda", file=sys.stderr)
+        return 1
+    except Exception as e:  # out-of-memory on GPU surfaces as a RuntimeError subclass
+        if "out of memory" in str(e).lower():
+            print("slimc: error: out of memory: lower --batch-size or --calib-samples", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

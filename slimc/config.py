@@ -1,0 +1,76 @@
+"""CompileConfig: every option of `slimc compile`, validated up front, round-trips to JSON."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+from .errors import SlimcError
+from .plan import GQA_MODES, SCHEDULES
+
+TARGETS = ("hf", "vllm", "onnx")
+METHODS = ("slimgpt", "magnitude")
+HEAD_SCORES = ("grouped", "column")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+CONFIG_FORMAT = "slimc.compile-config/1"
+
+
+@dataclass
+class CompileConfig:
+    model: str
+    output: str
+    sparsity: float = 0.2
+    target: str = "hf"
+    method: str = "slimgpt"
+    schedule: str = "log"
+    calib: str = "brown"
+    calib_samples: int = 128
+    seq_len: int = 512
+    gqa: str = "groups"
+    align_ffn: int = 1
+    tp: int = 1
+    dtype: str | None = None  # None: the source model's dtype
+    seed: int = 0
+    device: str = "cpu"
+    plan_only: bool = False
+    plan: str | None = None
+    compensate: bool = True
+    head_score: str = "grouped"
+    percdamp: float = 0.01
+    batch_size: int = 8
+    overwrite: bool = False
+
+    def __post_init__(self):
+        def one_of(name, value, allowed):
+            if value not in allowed:
+                raise SlimcError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} (got {value!r})")
+
+        one_of("target", self.target, TARGETS)
+        one_of("method", self.method, METHODS)
+        one_of("schedule", self.schedule, SCHEDULES)
+        one_of("gqa", self.gqa, GQA_MODES)
+        one_of("head_score", self.head_score, HEAD_SCORES)
+        if self.dtype is not None:
+            one_of("dtype", self.dtype, DTYPE_NAMES)
+        if not 0 < self.sparsity <= 0.9:
+            raise SlimcError(f"--sparsity must be in (0, 0.9], got {self.sparsity}")
+        for name in ("calib_samples", "seq_len", "align_ffn", "tp", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SlimcError(f"--{name.replace('_', '-')} must be a positive integer")
+        if not self.device.startswith(("cpu", "cuda")):
+            raise SlimcError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise SlimcError("--device cuda was asked for but no CUDA GPU is available")
+
+    def to_dict(self) -> dict:
+        return {"format": CONFIG_FORMAT, **asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CompileConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

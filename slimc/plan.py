@@ -1,0 +1,198 @@
+"""The pruning plan: per-layer widths chosen by the Incremental Pruning Ratio schedule.
+
+A plan is decided before any calibration: each layer gets a parameter target r_i from the schedule shape,
+rounds its attention to whole head units (a KV group, or one query head per group), and lets its FFN width
+take up the rest of its target. One scale is solved so that the parameters removed over all blocks hit the
+requested sparsity. The plan is stored as JSON inside every checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import SlimcError
+
+PLAN_FORMAT = "slimc.plan/1"
+SCHEDULES = ("log", "linear", "uniform")
+GQA_MODES = ("groups", "query")
+SHAPE_RATIO = 4.0  # r_last / r_first, the published SlimGPT shape (LLaMA-7B 20%: 0.0625 -> 0.25)
+MAX_LAYER_RATIO = 0.95
+TOLERANCE = 0.01  # achieved sparsity must be within +-1 point of the request
+
+
+@dataclass
+class BlockShape:
+    """Dense widths of one decoder block and the parameters owned by each prunable unit."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    q_head_params: int  # q rows + o columns (+ q bias) of one query head
+    kv_head_params: int  # k and v rows (+ biases) of one KV head
+    channel_params: int  # gate and up rows + down column (+ biases) of one FFN channel
+    other_params: int = 0  # block linear params not tied to any unit (e.g. o_proj/down_proj bias)
+
+    def params(self, q: int, kv: int, inter: int) -> int:
+        return q * self.q_head_params + kv * self.kv_head_params + inter * self.channel_params + self.other_params
+
+
+@dataclass
+class LayerPlan:
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    target_ratio: float = 0.0
+    params: int = 0
+    dense_params: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return 1 - self.params / self.dense_params if self.dense_params else 0.0
+
+
+@dataclass
+class PruningPlan:
+    sparsity: float
+    schedule: str
+    gqa: str
+    align_ffn: int
+    tp: int
+    layers: list[LayerPlan]
+    block_params_dense: int
+    block_params_pruned: int
+    scale: float = 0.0
+    source_model: str = ""
+    method: str = ""
+    calibration: dict = field(default_factory=dict)
+    seed: int = 0
+    slimc_version: str = ""
+    format: str = PLAN_FORMAT
+
+    @property
+    def achieved_sparsity(self) -> float:
+        return 1 - self.block_params_pruned / self.block_params_dense
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["achieved_sparsity"] = self.achieved_sparsity
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PruningPlan":
+        if d.get("format") != PLAN_FORMAT:
+            raise SlimcError(f"not a slimc plan (format {d.get('format')!r}, expected {PLAN_FORMAT!r})")
+        d = {k: v for k, v in d.items() if k != "achieved_sparsity"}
+        d["layers"] = [LayerPlan(**layer) for layer in d["layers"]]
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PruningPlan":
+        p = Path(path)
+        if not p.is_file():
+            raise SlimcError(f"plan file not found: {p}")
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            raise SlimcError(f"cannot read plan {p}: {e}") from e
+
+
+def schedule_ratios(schedule: str, n_layers: int, scale: float) -> list[float]:
+    """Per-layer parameter targets. log: r_i = s(1 + 3 ln(i+1)/ln n) (SlimGPT's Incremental Pruning Ratio,
+    r_last = 4 r_first); linear: same endpoints, linear in i; uniform: s everywhere."""
+    if schedule not in SCHEDULES:
+        raise SlimcError(f"unknown schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
+    if schedule == "uniform" or n_layers == 1:
+        return [scale] * n_layers
+    k = SHAPE_RATIO - 1
+    if schedule == "log":
+        return [scale * (1 + k * math.log(i + 1) / math.log(n_layers)) for i in range(n_layers)]
+    return [scale * (1 + k * i / (n_layers - 1)) for i in range(n_layers)]
+
+
+def _tp_ok(q: int, kv: int, tp: int) -> bool:
+    return q % tp == 0 and (kv % tp == 0 or tp % kv == 0)
+
+
+def layer_widths(shape: BlockShape, ratio: float, gqa: str, align_ffn: int, tp: int) -> LayerPlan:
+    """Widths of one layer for a parameter target `ratio`: heads rounded to whole units, FFN takes the rest."""
+    group = shape.num_heads // shape.num_kv_heads
+    if gqa == "groups":  # a unit is one KV head with all its query heads
+        n_units, unit_q, unit_kv = shape.num_kv_heads, group, 1
+    elif gqa == "query":  # a unit is one query head from every KV group
+        n_units, unit_q, unit_kv = group, shape.num_kv_heads, 0
+    else:
+        raise SlimcError(f"unknown --gqa mode {gqa!r} (choose from {', '.join(GQA_MODES)})")
+    ideal = ratio * n_units
+    candidates = sorted(range(n_units), key=lambda u: (abs(u - ideal), u))  # keep >= 1 unit
+    for u in candidates:
+        q, kv = shape.num_heads - u * unit_q, shape.num_kv_heads - u * unit_kv
+        if _tp_ok(q, kv, tp):
+            break
+    else:
+        raise SlimcError(
+            f"no head count is valid for tensor parallel {tp} with {shape.num_heads} query / "
+            f"{shape.num_kv_heads} KV heads"
+        )
+    dense = shape.params(shape.num_heads, shape.num_kv_heads, shape.intermediate_size)
+    attn_removed = (shape.num_heads - q) * shape.q_head_params + (shape.num_kv_heads - kv) * shape.kv_head_params
+    ffn_removed = max(0.0, ratio * dense - attn_removed)
+    step = math.lcm(align_ffn, tp)
+    kept = shape.intermediate_size - ffn_removed / shape.channel_params
+    kept = int(round(kept / step)) * step
+    kept = min(shape.intermediate_size, max(step, kept))
+    if kept % tp:
+        raise SlimcError(f"FFN width {shape.intermediate_size} cannot be split for tensor parallel {tp}")
+    return LayerPlan(q, kv, kept, target_ratio=ratio, params=shape.params(q, kv, kept), dense_params=dense)
+
+
+def solve_plan(
+    shapes: list[BlockShape], sparsity: float, schedule: str = "log", gqa: str = "groups",
+    align_ffn: int = 1, tp: int = 1,
+) -> PruningPlan:
+    """Find the schedule scale whose rounded per-layer widths remove `sparsity` of the block parameters."""
+    if not 0 < sparsity <= 0.9:
+        raise SlimcError(f"sparsity must be in (0, 0.9], got {sparsity}")
+    if align_ffn < 1 or tp < 1:
+        raise SlimcError("--align-ffn and --tp must be positive integers")
+    n = len(shapes)
+    dense = sum(s.params(s.num_heads, s.num_kv_heads, s.intermediate_size) for s in shapes)
+
+    def build(scale: float) -> tuple[list[LayerPlan], float]:
+        ratios = [min(r, MAX_LAYER_RATIO) for r in schedule_ratios(schedule, n, scale)]
+        layers = [layer_widths(s, r, gqa, align_ffn, tp) for s, r in zip(shapes, ratios)]
+        return layers, 1 - sum(layer.params for layer in layers) / dense
+
+    hi = MAX_LAYER_RATIO  # at this scale every layer is capped: the most the schedule can remove
+    best_layers, best_achieved = build(hi)
+    if best_achieved < sparsity - TOLERANCE:
+        raise SlimcError(
+            f"sparsity {sparsity:.0%} cannot be met: with the {schedule} schedule, at least one KV group / query "
+            f"head per group, FFN multiples of {math.lcm(align_ffn, tp)}, at most {best_achieved:.1%} of the "
+            "block parameters can be removed"
+        )
+    lo, best_scale = 0.0, hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        layers, achieved = build(mid)
+        if abs(achieved - sparsity) < abs(best_achieved - sparsity):
+            best_layers, best_achieved, best_scale = layers, achieved, mid
+        if achieved < sparsity:
+            lo = mid
+        else:
+            hi = mid
+    if abs(best_achieved - sparsity) > TOLERANCE:
+        raise SlimcError(
+            f"sparsity {sparsity:.0%} cannot be met within 1 point with these unit sizes (closest: "
+            f"{best_achieved:.1%}); try another --gqa mode or a smaller --align-ffn"
+        )
+    pruned = sum(layer.params for layer in best_layers)
+    return PruningPlan(
+        sparsity=sparsity, schedule=schedule, gqa=gqa, align_ffn=align_ffn, tp=tp, layers=best_layers,
+        block_params_dense=dense, block_params_pruned=pruned, scale=best_scale,
+    )

@@ -1,0 +1,44 @@
+"""Tiny random models for fast unit tests (hidden 64, 2-3 layers). Quality claims never come from these."""
+import pytest
+import torch
+import transformers
+
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8,
+            num_key_value_heads=4, vocab_size=128, max_position_embeddings=256, head_dim=8)
+
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # q/k/v carry biases
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),  # q/k norms over head_dim
+}
+
+
+def tiny_model(family="llama", seed=0, **overrides):
+    config_name, model_name, extra = FAMILIES[family]
+    cfg = getattr(transformers, config_name)(**{**TINY, **extra, **overrides})
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(cfg).eval()
+    # random init leaves biases at zero: give them values so bias slicing is exercised
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.02)
+    return model
+
+
+class ByteTokenizer:
+    """Stand-in tokenizer (one token per byte, mod vocab) for tests that need no real vocabulary."""
+
+    def __init__(self, vocab=128):
+        self.vocab = vocab
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        ids = [b % self.vocab for b in text.encode()]
+        return {"input_ids": ids}
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_model("llama")

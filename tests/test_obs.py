@@ -1,0 +1,168 @@
+"""OBS math against brute force on random matrices."""
+import itertools
+
+import pytest
+import torch
+
+from slimc import obs
+from slimc.errors import SlimcError
+
+
+def _problem(out=6, d_in=12, n=200, seed=0, correlated=True):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    if correlated:  # correlated inputs make grouped and per-column scores differ
+        X = X @ torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
+    W = torch.randn(out, d_in, generator=g, dtype=torch.float64)
+    H = 2 / n * X.T @ X
+    return W, X, H
+
+
+def _lstsq_error(W, X, keep):
+    """Brute force: best reconstruction of W X^T from the kept input columns alone."""
+    target = X @ W.T
+    sol = torch.linalg.lstsq(X[:, keep], target).solution  # [k, out]
+    resid = target - X[:, keep] @ sol
+    return resid.pow(2).sum(), sol.T
+
+
+def test_group_error_equals_explicit_block_obs():
+    W, _, H = _problem()
+    Hinv = torch.linalg.inv(H)
+    groups = torch.arange(12).view(4, 3)
+    got = obs.group_errors(W, Hinv, groups)
+    for gi, P in enumerate(groups):
+        block_inv = torch.linalg.inv(Hinv[P][:, P])
+        expected = torch.einsum("rp,pq,rq->", W[:, P], block_inv, W[:, P])
+        assert torch.allclose(got[gi], expected, rtol=1e-9)
+
+
+def test_group_error_is_half_scaled_reconstruction_error():
+    """E(P) with H = 2/n X^T X equals 2/n times the least-squares reconstruction error of dropping P."""
+    W, X, H = _problem(n=300)
+    Hinv = torch.linalg.inv(H)
+    P = torch.tensor([1, 5, 7])
+    keep = torch.tensor([i for i in range(12) if i not in P.tolist()])
+    err, _ = _lstsq_error(W, X, keep)
+    assert torch.allclose(obs.group_errors(W, Hinv, P[None])[0], 2 / 300 * err, rtol=1e-8)
+
+
+def test_obs_update_equals_least_squares_optimum():
+    W, X, H = _problem()
+    Hinv = torch.linalg.inv(H)
+    P = torch.tensor([0, 4, 9])
+    keep = torch.tensor([i for i in range(12) if i not in P.tolist()])
+    W_new, Hinv_new = obs.obs_remove(W, Hinv, P)
+    _, W_ls = _lstsq_error(W, X, keep)
+    assert torch.allclose(W_new[:, keep], W_ls, atol=1e-8)
+    assert torch.all(W_new[:, P] == 0)
+    # the updated Hinv is the inverse of H restricted to the kept columns
+    assert torch.allclose(Hinv_new[keep][:, keep], torch.linalg.inv(H[keep][:, keep]), atol=1e-8)
+
+
+def test_compensation_lowers_reconstruction_error():
+    W, X, H = _problem(out=8, d_in=16, n=400, seed=3)
+    units = torch.arange(16).view(4, 4)
+    comp = obs.prune_units_greedy(W, H, units, 2, percdamp=0.0)
+    plain = obs.prune_units_greedy(W, H, units, 2, compensate=False, percdamp=0.0)
+    assert torch.equal(comp.kept, plain.kept)
+    err = lambda W2: (X @ W.T - X @ W2.T).pow(2).sum()  # noqa: E731
+    assert err(comp.weight) < 0.9 * err(plain.weight)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_single_removal_is_exhaustive_optimum(seed):
+    W, X, H = _problem(seed=seed)
+    units = torch.arange(12).view(4, 3)
+    res = obs.prune_units_greedy(W, H, units, 1, percdamp=0.0)
+    errors = []
+    for u in range(4):
+        keep = torch.cat([units[i] for i in range(4) if i != u])
+        errors.append(_lstsq_error(W, X, keep)[0])
+    assert res.removal_order == [int(torch.stack(errors).argmin())]
+
+
+def test_batched_greedy_with_batch_one_equals_one_at_a_time():
+    W, _, H = _problem(d_in=18, seed=5)
+    units = torch.arange(18).view(6, 3)
+    batched = obs.prune_units_greedy(W, H, units, 3, batch=1)
+    # one at a time, by hand: remove the cheapest unit, update, re-score
+    Hinv = obs.inverse_hessian(H, 0.01)
+    Wc, alive, order = W.clone(), list(range(6)), []
+    for _ in range(3):
+        err = obs.group_errors(Wc, Hinv, units[alive])
+        u = alive[int(err.argmin())]
+        Wc, Hinv = obs.obs_remove(Wc, Hinv, units[u])
+        alive.remove(u)
+        order.append(u)
+    assert batched.removal_order == order
+    assert torch.allclose(batched.weight, Wc)
+
+
+def test_grouped_score_beats_column_score_on_correlated_inputs():
+    """Scoring heads as a whole should never choose a worse head than summing independent column errors."""
+    wins = 0
+    for seed in range(10):
+        W, X, H = _problem(out=4, d_in=16, n=400, seed=seed)
+        units = torch.arange(16).view(4, 4)
+        grouped = obs.prune_units_greedy(W, H, units, 1, score="grouped", percdamp=0.0)
+        column = obs.prune_units_greedy(W, H, units, 1, score="column", percdamp=0.0)
+        e = lambda r: (X @ W.T - X @ r.weight.T).pow(2).sum()  # noqa: E731
+        assert e(grouped) <= e(column) + 1e-9
+        wins += bool(e(grouped) < e(column) - 1e-9)
+    assert wins > 0
+
+
+def test_partitioned_removal_is_even():
+    W, _, H = _problem(d_in=24, seed=2)
+    units = torch.arange(24).view(8, 3)
+    partition = torch.arange(8) // 4  # two groups of four heads
+    res = obs.prune_units_greedy(W, H, units, 4, partition=partition)
+    assert torch.bincount(partition[res.kept], minlength=2).tolist() == [2, 2]
+
+
+def test_dynamic_group_sizes_shrink_and_sum():
+    sizes = obs.dynamic_group_sizes(1000, max_group=256, min_group=8)
+    assert sum(sizes) == 1000
+    assert sizes[0] == 256 and sizes[-1] <= 8
+    assert all(a >= b for a, b in zip(sizes, sizes[1:]))
+
+
+def test_column_pruning_matches_brute_force_for_single_column():
+    W, X, H = _problem(seed=7)
+    res = obs.prune_columns_dynamic(W, H, 1, percdamp=0.0)
+    errs = [_lstsq_error(W, X, torch.tensor([j for j in range(12) if j != i]))[0] for i in range(12)]
+    assert res.removal_order == [int(torch.stack(errs).argmin())]
+
+
+def test_column_pruning_compensation_near_least_squares():
+    W, X, H = _problem(out=5, d_in=20, n=500, seed=9)
+    res = obs.prune_columns_dynamic(W, H, 8, max_group=4, min_group=2, percdamp=0.0)
+    err_obs = (X @ W.T - X @ res.weight.T).pow(2).sum()
+    err_ls, _ = _lstsq_error(W, X, res.kept)
+    assert torch.allclose(err_obs, err_ls, rtol=1e-6)  # joint OBS removals stay exactly optimal for the kept set
+
+
+def test_singular_hessian_retries_with_more_damping():
+    X = torch.randn(3, 10, dtype=torch.float64)  # rank 3 < 10: singular, dead columns included
+    X[:, 4] = 0
+    H = X.T @ X
+    Hinv = obs.inverse_hessian(H, percdamp=0.0)
+    assert torch.isfinite(Hinv).all()
+
+
+def test_hopeless_hessian_raises_clear_error():
+    H = torch.full((4, 4), float("nan"), dtype=torch.float64)
+    with pytest.raises(SlimcError, match="singular"):
+        obs.inverse_hessian(H)
+
+
+def test_exhaustive_two_of_four_units_close_to_greedy():
+    """Greedy is not exact for several removals, but on small problems it must be near the optimum."""
+    W, X, H = _problem(d_in=12, n=300, seed=11)
+    units = torch.arange(12).view(4, 3)
+    res = obs.prune_units_greedy(W, H, units, 2, percdamp=0.0)
+    best = min(_lstsq_error(W, X, torch.cat([units[k] for k in range(4) if k not in c]))[0]
+               for c in itertools.combinations(range(4), 2))
+    got = (X @ W.T - X @ res.weight.T).pow(2).sum()
+    assert got <= 1.5 * best
