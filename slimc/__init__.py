@@ -27,6 +27,6 @@ _register_auto_classes()
 def compile(model, output, sparsity=0.2, **options):  # noqa: A001
     """Prune MODEL and write the result to OUTPUT; see `slimc.config.CompileConfig` for the options.
     Returns a CompileResult with `.output` (Path) and `.report` (dict)."""
-    from .compile import compile as _compile
+    from .pipeline import compile as _compile
 
     return _compile(model, output, sparsity, **options)

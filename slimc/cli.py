@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _compile(args) -> None:
-    from .compile import compile_model
+    from .pipeline import compile_model
     from .config import CompileConfig
 
     opts = {k: v for k, v in vars(args).items() if k != "command"}

@@ -5,7 +5,7 @@ import transformers
 
 from slimc.calibrate import catch_block_inputs, decoder_layers
 from slimc.capture import UnsupportedBlockError, capture_block
-from slimc.compile import capture_structures
+from slimc.pipeline import capture_structures
 
 from conftest import tiny_model
 

@@ -1,0 +1,131 @@
+"""End to end on a tiny random model: compile -> reload in a fresh process without slimc -> same logits."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import slimc
+from slimc.cli import main
+from slimc.errors import SlimcError
+
+from conftest import tiny_model
+
+TEXT = " ".join(f"word{i % 97} and thing{i % 13}." for i in range(3000))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama saved as a local HF directory, with a real (byte-level) tokenizer file."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny")
+    model = tiny_model("llama", tie_word_embeddings=True, vocab_size=300)
+    model.save_pretrained(d)
+    vocab = {f"<{i}>": i for i in range(44)}
+    vocab.update({chr(c): 44 + i for i, c in enumerate(range(32, 127))})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<0>", eos_token="<1>").save_pretrained(d)
+    (d.parent / "calib.txt").write_text(TEXT)
+    return d
+
+
+def _one_line_error(rc, err):
+    """Exit status 2, exactly one `slimc: error:` line at the end, no traceback (progress bars may precede)."""
+    lines = [l for l in err.replace("\r", "\n").splitlines() if l.strip()]
+    assert rc == 2 and lines[-1].startswith("slimc: error:"), err
+    assert err.count("slimc: error:") == 1 and "Traceback" not in err
+
+
+def _compile(tiny_dir, out, **kw):
+    opts = dict(calib=str(tiny_dir.parent / "calib.txt"), calib_samples=8, seq_len=32, keep_model=True)
+    opts.update(kw)
+    return slimc.compile(str(tiny_dir), str(out), **opts)
+
+
+def test_compile_reload_without_slimc_same_logits(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    res = _compile(tiny_dir, out, sparsity=0.3)
+    assert res.output == out and (out / "model.safetensors").is_file()
+    assert {"config.json", "modeling_slimc.py", "slimc_plan.json", "report.json", "widths.png"} <= set(os.listdir(out))
+    assert not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir())
+    ids = torch.randint(0, 140, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = res.model(ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    # a fresh interpreter where importing slimc fails: only transformers + the checkpoint's own modeling file
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.modules["slimc"] = None
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
+        ids = torch.load({str(tmp_path / 'ids.pt')!r})
+        with torch.no_grad():
+            torch.save(m(ids).logits, {str(tmp_path / 'logits.pt')!r})
+        print(type(m).__name__, sum(p.numel() for p in m.parameters()))
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    name, n_params = proc.stdout.split()
+    assert name == "SlimcLlamaForCausalLM"
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected)
+    plan = json.loads((out / "slimc_plan.json").read_text())
+    assert int(n_params) == res.report["params"]["model_after"]
+    assert abs(plan["achieved_sparsity"] - 0.3) <= 0.01
+    blocks = sum(p.numel() for n, p in res.model.named_parameters() if ".layers." in n and "layernorm" not in n)
+    assert blocks == plan["block_params_pruned"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["layer_num_attention_heads"] == [l["num_attention_heads"] for l in plan["layers"]]
+
+
+def test_plan_only_then_reuse(tiny_dir, tmp_path):
+    plan_dir = tmp_path / "plan"
+    _compile(tiny_dir, plan_dir, sparsity=0.4, plan_only=True)
+    assert os.listdir(plan_dir) == ["slimc_plan.json"]
+    res = _compile(tiny_dir, tmp_path / "out", plan=str(plan_dir / "slimc_plan.json"), method="magnitude")
+    plan = json.loads((plan_dir / "slimc_plan.json").read_text())
+    assert [r["ffn"] for r in res.report["layers"]] == [l["intermediate_size"] for l in plan["layers"]]
+
+
+def test_existing_output_refused_and_untouched(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    rc = main(["compile", str(tiny_dir), "-o", str(out), "--calib", str(tiny_dir.parent / "calib.txt")])
+    err = capsys.readouterr().err
+    _one_line_error(rc, err)
+    assert "already exists" in err
+    assert os.listdir(out) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compile", "/nonexistent/model", "-o", "X"], "model not found"),
+    (["compile", "TINY", "-o", "X", "--sparsity", "0.95"], "sparsity"),
+    (["compile", "TINY", "-o", "X", "--calib-samples", "5000", "--calib", "CALIB"], "calib"),
+    (["compile", "TINY", "-o", "X", "--calib", "/no/such/text.txt"], "not found"),
+])
+def test_user_errors_are_one_line(tiny_dir, tmp_path, capsys, args, message):
+    args = [a.replace("TINY", str(tiny_dir)).replace("CALIB", str(tiny_dir.parent / "calib.txt")) for a in args]
+    args[args.index("-o") + 1] = str(tmp_path / "o")
+    rc = main(args)
+    err = capsys.readouterr().err
+    _one_line_error(rc, err)
+    assert message in err.lower()
+    assert not (tmp_path / "o").exists() and os.listdir(tmp_path) == []
+
+
+def test_unsupported_architecture_refused(tmp_path, capsys):
+    import transformers
+
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    rc = main(["compile", str(tmp_path / "gpt2"), "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    _one_line_error(rc, err)
+    assert "unsupported architecture 'GPT2LMHeadModel'" in err
