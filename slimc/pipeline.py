@@ -142,6 +142,9 @@ def _staging_dir(output: Path, overwrite: bool):
     """A temp dir beside OUT, renamed to OUT only when everything was written."""
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary directory
     try:
         yield tmp
         if output.exists():
