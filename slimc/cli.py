@@ -1,4 +1,4 @@
-"""Command line: `slimc compile`, `slimc eval`, `slimc assets fetch`. User errors print one line, exit 2."""
+"""Command line: `slimc compile`, `slimc eval`, `slimc bench`, `slimc assets fetch`. User errors print one line, exit 2."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +47,17 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", help="also write the result as JSON to this path")
 
+    b = sub.add_parser("bench", help="pruned vs dense speed, side by side, on a runtime")
+    b.add_argument("model", help="a slimc output directory")
+    b.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "torch", "vllm"])
+    b.add_argument("--against", help="the dense model (default: the plan's source model)")
+    b.add_argument("--prompts", default="128,512,2048", help="prefill prompt lengths")
+    b.add_argument("--batches", default="1,8", help="decode batch sizes")
+    b.add_argument("--decode-steps", type=int, default=16)
+    b.add_argument("--reps", type=int, default=3)
+    b.add_argument("--threads", type=int, help="intra-op threads for onnxruntime")
+    b.add_argument("--json", help="also write the results as JSON to this path")
+
     a = sub.add_parser("assets", help="offline default assets (SmolLM2 GGUF, Brown corpus)")
     a.add_argument("action", choices=["fetch", "path"])
     return p
@@ -79,6 +90,23 @@ def _eval(args) -> None:
             json.dump(r, f, indent=2)
 
 
+def _bench(args) -> None:
+    from .bench import format_bench, run_bench
+
+    def ints(text):
+        try:
+            return tuple(int(x) for x in text.split(","))
+        except ValueError:
+            raise SlimcError(f"expected a comma-separated list of integers, got {text!r}") from None
+
+    r = run_bench(args.model, args.runtime, args.against, ints(args.prompts), ints(args.batches),
+                  args.decode_steps, args.reps, args.threads)
+    print(format_bench(r))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=2)
+
+
 def _assets(args) -> None:
     from . import assets
 
@@ -90,7 +118,7 @@ def _assets(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"compile": _compile, "eval": _eval, "assets": _assets}[args.command](args)
+        {"compile": _compile, "eval": _eval, "bench": _bench, "assets": _assets}[args.command](args)
     except SlimcError as e:
         print(f"slimc: error: {e}", file=sys.stderr)
         return 2

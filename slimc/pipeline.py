@@ -164,8 +164,12 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
     output = Path(cfg.output)
     if output.exists() and not cfg.overwrite:
         raise SlimcError(f"output {output} already exists (use --overwrite to replace it)")
-    if cfg.target != "hf":
-        raise SlimcError(f"--target {cfg.target} is not available yet in this version (use --target hf)")
+    if cfg.target == "onnx":
+        import importlib.util
+
+        missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise SlimcError(f"--target onnx needs {', '.join(missing)} (pip install 'slimc[onnx]')")
     torch.manual_seed(cfg.seed)
     timer = StageTimer()
     t_start = time.perf_counter()
@@ -217,6 +221,12 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
     report = report_mod.build_report(cfg, plan, rows, params_before, params_after, timer.seconds, sample)
     with _staging_dir(output, cfg.overwrite) as tmp:
         write_hf(slim, loaded.tokenizer, plan.to_json(), tmp)
+        if cfg.target == "onnx":
+            from .exporters.onnx import export_onnx
+
+            with timer.stage("export onnx"):
+                report["onnx"] = export_onnx(slim, tmp)
+            report["seconds"] = timer.seconds
         report_mod.write_report(report, tmp)
     print(report_mod.format_report(report))
     return CompileResult(output, report, slim if keep_model else None)

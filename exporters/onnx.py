@@ -1,0 +1,130 @@
+"""`--target onnx`: one ONNX decoder with per-layer KV-cache inputs/outputs for onnxruntime.
+
+The graph comes from torch.export (torch.onnx dynamo exporter) of a thin wrapper around the materialized
+model: flat `past.{i}.key/value` tensors in (each layer with its own KV-head count), logits and
+`present.{i}.key/value` out. Batch, sequence, past and total lengths are dynamic; prefill is the same model
+fed past tensors of length 0 (one graph, no duplicated weights). A parity check against torch runs right
+after export and its result is stored in io.json.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimc.errors import SlimcError
+
+ONNX_DIR = "onnx"
+ONNX_FILE = "model.onnx"
+IO_FILE = "io.json"
+PARITY_TOL = 1e-3  # max |logit difference| torch fp32 vs onnxruntime CPU fp32 (seen: ~1e-5)
+
+
+def kv_layout(config) -> list[int]:
+    n = config.num_hidden_layers
+    return list(getattr(config, "layer_num_key_value_heads", None) or [config.num_key_value_heads] * n)
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class _DecoderWithCache(nn.Module):
+    """(input_ids, attention_mask, position_ids, *past) -> (logits, *present), cache as flat tensors."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.n_layers = model.config.num_hidden_layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i in range(self.n_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        present = []
+        for i in range(self.n_layers):
+            present += [cache.layers[i].keys, cache.layers[i].values]
+        return (out.logits, *present)
+
+
+def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    kv = [f"{kind}.{i}.{part}" for kind in ("past",) for i in range(n_layers) for part in ("key", "value")]
+    inputs = ["input_ids", "attention_mask", "position_ids", *kv]
+    outputs = ["logits", *[name.replace("past", "present") for name in kv]]
+    return inputs, outputs
+
+
+def sample_inputs(config, batch: int, seq: int, past: int, dtype=torch.float32, seed: int = 0) -> tuple:
+    """Random decoder inputs; sizes > 1 everywhere so no dynamic axis is specialised to 1 at export."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    kv = []
+    for heads in kv_layout(config):
+        kv += [torch.randn(batch, heads, past, head_dim(config), generator=g, dtype=dtype) for _ in range(2)]
+    return (ids, mask, pos, *kv)
+
+
+@torch.no_grad()
+def export_onnx(model: nn.Module, out_dir: Path) -> dict:
+    """Export `model` to out_dir/onnx/model.onnx and check it against torch; returns the io description."""
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise SlimcError(f"--target onnx needs the optional dependencies onnx, onnxscript and onnxruntime "
+                         f"(pip install 'slimc[onnx]'): {e}") from e
+    config = model.config
+    n = config.num_hidden_layers
+    wrapper = _DecoderWithCache(model.float().eval())
+    names_in, names_out = io_names(n)
+    batch, seq, past, total = (torch.export.Dim(name) for name in ("batch", "sequence", "past", "total"))
+    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
+               "position_ids": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past} for _ in range(2 * n))}
+    target = out_dir / ONNX_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    args = sample_inputs(config, batch=2, seq=3, past=5)
+    torch.onnx.export(wrapper, args, str(target / ONNX_FILE), dynamo=True, dynamic_shapes=dynamic,
+                      input_names=names_in, output_names=names_out, optimize=True, verbose=False)
+    io = {
+        "format": "slimc.onnx-io/1",
+        "file": ONNX_FILE,
+        "inputs": {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "total"],
+                   "position_ids": ["batch", "sequence"],
+                   **{f"past.{i}.{p}": ["batch", kv, "past", head_dim(config)]
+                      for i, kv in enumerate(kv_layout(config)) for p in ("key", "value")}},
+        "outputs": {"logits": ["batch", "sequence", config.vocab_size],
+                    **{f"present.{i}.{p}": ["batch", kv, "total", head_dim(config)]
+                       for i, kv in enumerate(kv_layout(config)) for p in ("key", "value")}},
+        "num_layers": n, "kv_heads": kv_layout(config), "head_dim": head_dim(config), "dtype": "float32",
+        "usage": "prefill: past.* of length 0, attention_mask of ones over the prompt, position_ids 0..S-1; "
+                 "decode: feed present.* back as past.*, extend attention_mask by one, next position id",
+    }
+    io["parity_max_abs_diff"] = check_parity(wrapper, target / ONNX_FILE, config, names_in)
+    if io["parity_max_abs_diff"] > PARITY_TOL:
+        raise RuntimeError(f"ONNX export does not match torch: max |diff| {io['parity_max_abs_diff']:.2e}")
+    (target / IO_FILE).write_text(json.dumps(io, indent=2))
+    return io
+
+
+@torch.no_grad()
+def check_parity(wrapper: nn.Module, path: Path, config, names_in: list[str]) -> float:
+    """Max |difference| of all outputs, torch vs onnxruntime, on shapes other than the export sample's
+    (decode with a cache) and on a prefill with empty cache."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for batch, seq, past in ((3, 4, 7), (1, 9, 0), (1, 1, 12)):
+        args = sample_inputs(config, batch, seq, past, seed=batch * 100 + seq)
+        ref = wrapper(*args)
+        got = session.run(None, {k: v.numpy() for k, v in zip(names_in, args)})
+        worst = max(worst, max(float((torch.from_numpy(g) - r).abs().max()) for g, r in zip(got, ref)))
+    return worst

@@ -1,0 +1,190 @@
+"""`slimc bench`: pruned vs dense, side by side in one run, on the runtime the model is served with.
+
+Prefill tokens/s at several prompt lengths and decode ms/token at batch 1 and 8; the measurements of the two
+models are interleaved rep by rep (shared, noisy machines) and the median is kept. Next to each measured
+speedup the FLOP-ideal one (every matmul of the forward at that shape, dense over pruned) and their ratio.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import SlimcError
+
+PROMPTS = (128, 512, 2048)
+DECODE_BATCHES = (1, 8)
+DECODE_CONTEXT = 128
+
+
+def layer_widths(config) -> list[tuple[int, int, int]]:
+    n = config.num_hidden_layers
+    q = getattr(config, "layer_num_attention_heads", None) or [config.num_attention_heads] * n
+    kv = getattr(config, "layer_num_key_value_heads", None) or [config.num_key_value_heads] * n
+    f = getattr(config, "layer_intermediate_size", None) or [config.intermediate_size] * n
+    return list(zip(q, kv, f))
+
+
+def forward_macs(config, batch: int, seq: int, past: int) -> int:
+    """Multiply-accumulates of every matmul in one forward: q/k/v/o, gate/up/down, attention scores and
+    context, lm_head (all positions' logits, as the exported graph computes them)."""
+    h = config.hidden_size
+    d = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    total = 0
+    for q, kv, f in layer_widths(config):
+        total += seq * h * d * (q + 2 * kv) + seq * q * d * h  # projections
+        total += 3 * seq * h * f  # gated MLP
+        total += 2 * q * seq * (past + seq) * d  # scores and context
+    total += seq * h * config.vocab_size
+    return batch * total
+
+
+def _median_interleaved(fns: dict, reps: int) -> dict:
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+class _TorchRunner:
+    def __init__(self, model):
+        self.model = model.eval()
+        self.config = model.config
+
+    @torch.no_grad()
+    def prefill(self, batch, seq):
+        ids = torch.randint(0, self.config.vocab_size, (batch, seq))
+        return lambda: self.model(ids, use_cache=False)
+
+    @torch.no_grad()
+    def decode(self, batch, context, steps):
+        from transformers import DynamicCache
+
+        ids = torch.randint(0, self.config.vocab_size, (batch, context))
+
+        def run():
+            cache = DynamicCache()
+            out = self.model(ids, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                out = self.model(tok, past_key_values=cache, use_cache=True)
+                tok = out.logits[:, -1:].argmax(-1)
+            return time.perf_counter() - t0
+        return run
+
+
+class _OrtRunner:
+    def __init__(self, onnx_dir, config, threads=None):
+        from .runtime_onnx import OnnxDecoder
+
+        self.dec = OnnxDecoder(onnx_dir, threads=threads)
+        self.config = config
+
+    def prefill(self, batch, seq):
+        ids = np.random.default_rng(0).integers(0, self.config.vocab_size, (batch, seq))
+        mask, pos = np.ones((batch, seq), np.int64), np.tile(np.arange(seq), (batch, 1))
+        cache = self.dec.empty_cache(batch)
+        return lambda: self.dec.step(ids, mask, pos, cache)
+
+    def decode(self, batch, context, steps):
+        def run():
+            cache = self.dec.empty_cache(batch, context, seed=0)
+            tok = np.zeros((batch, 1), np.int64)
+            t0 = time.perf_counter()
+            for i in range(steps):
+                n = context + i + 1
+                logits, cache = self.dec.step(tok, np.ones((batch, n), np.int64), np.full((batch, 1), n - 1), cache)
+                tok = logits.numpy()[:, -1:].argmax(-1)
+            return time.perf_counter() - t0
+        return run
+
+
+def _dense_onnx_dir(spec: str, model) -> Path:
+    """The dense model's ONNX export, cached by source name (export takes minutes)."""
+    import hashlib
+
+    from .assets import cache_dir
+    from .exporters.onnx import ONNX_DIR, export_onnx
+
+    d = cache_dir() / "onnx-dense" / hashlib.sha1(spec.encode()).hexdigest()[:12]
+    if not (d / ONNX_DIR / "io.json").is_file():
+        print(f"slimc: exporting the dense model {spec} to ONNX once (cached in {d})")
+        export_onnx(model, d)
+    return d / ONNX_DIR
+
+
+def run_bench(out: str, runtime: str = "onnxruntime", against: str | None = None, prompts=PROMPTS,
+              batches=DECODE_BATCHES, decode_steps: int = 16, reps: int = 3, threads: int | None = None) -> dict:
+    from .load import load_model
+
+    out_dir = Path(out)
+    plan_path = out_dir / "slimc_plan.json"
+    if not plan_path.is_file():
+        raise SlimcError(f"{out} is not a slimc output (no slimc_plan.json)")
+    against = against or json.loads(plan_path.read_text()).get("source_model")
+    if not against:
+        raise SlimcError("the plan names no source model: pass --against MODEL")
+    pruned = load_model(str(out_dir), allow_slimc=True)
+    dense = load_model(against, dtype="float32")
+    if runtime == "torch":
+        runners = {"dense": _TorchRunner(dense.model), "pruned": _TorchRunner(pruned.model.float())}
+    elif runtime == "onnxruntime":
+        if not (out_dir / "onnx" / "io.json").is_file():
+            raise SlimcError(f"{out} has no ONNX model: compile it with --target onnx")
+        runners = {"dense": _OrtRunner(_dense_onnx_dir(against, dense.model), dense.model.config, threads),
+                   "pruned": _OrtRunner(out_dir / "onnx", pruned.model.config, threads)}
+    elif runtime == "vllm":
+        raise SlimcError("--runtime vllm needs a CUDA GPU and vllm installed; use benchmarks/gpu_vllm_check.py there")
+    else:
+        raise SlimcError(f"unknown runtime {runtime!r}")
+    cfg_d, cfg_p = dense.model.config, pruned.model.config
+    rows = []
+    for seq in prompts:
+        fns = {k: r.prefill(1, seq) for k, r in runners.items()}
+        for fn in fns.values():
+            fn()  # warm-up
+        t = _median_interleaved(fns, reps)
+        ideal = forward_macs(cfg_d, 1, seq, 0) / forward_macs(cfg_p, 1, seq, 0)
+        rows.append({"phase": "prefill", "batch": 1, "tokens": seq, "dense_tok_s": seq / t["dense"],
+                     "pruned_tok_s": seq / t["pruned"], "speedup": t["dense"] / t["pruned"], "ideal": ideal})
+    for batch in batches:
+        fns = {k: r.decode(batch, DECODE_CONTEXT, decode_steps) for k, r in runners.items()}
+        for fn in fns.values():
+            fn()
+        times = {k: [] for k in fns}
+        for _ in range(reps):
+            for k, fn in fns.items():
+                times[k].append(fn() / decode_steps)
+        t = {k: statistics.median(v) for k, v in times.items()}
+        ctx = DECODE_CONTEXT + decode_steps // 2
+        ideal = forward_macs(cfg_d, batch, 1, ctx) / forward_macs(cfg_p, batch, 1, ctx)
+        rows.append({"phase": "decode", "batch": batch, "tokens": decode_steps, "dense_ms_tok": 1000 * t["dense"],
+                     "pruned_ms_tok": 1000 * t["pruned"], "speedup": t["dense"] / t["pruned"], "ideal": ideal})
+    for r in rows:
+        r["measured_over_ideal"] = r["speedup"] / r["ideal"]
+    return {"runtime": runtime, "model": str(out_dir), "against": against, "threads": threads or torch.get_num_threads(),
+            "params_dense": sum(p.numel() for p in dense.model.parameters()),
+            "params_pruned": sum(p.numel() for p in pruned.model.parameters()), "rows": rows}
+
+
+def format_bench(r: dict) -> str:
+    lines = [f"{r['runtime']}: {r['model']} vs {r['against']} "
+             f"({r['params_pruned']:,} vs {r['params_dense']:,} params)",
+             "| phase | batch | tokens | dense | pruned | speedup | FLOP-ideal | measured/ideal |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        if row["phase"] == "prefill":
+            d, p = f"{row['dense_tok_s']:.0f} tok/s", f"{row['pruned_tok_s']:.0f} tok/s"
+        else:
+            d, p = f"{row['dense_ms_tok']:.1f} ms/tok", f"{row['pruned_ms_tok']:.1f} ms/tok"
+        lines.append(f"| {row['phase']} | {row['batch']} | {row['tokens']} | {d} | {p} | {row['speedup']:.2f}x | "
+                     f"{row['ideal']:.2f}x | {row['measured_over_ideal']:.2f} |")
+    return "\n".join(lines)
