@@ -24,11 +24,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.model.layers
 
 
-def _to(x, device):
+def to_device(x, device):
     if isinstance(x, torch.Tensor):
         return x.to(device)
     if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
+        return type(x)(to_device(v, device) for v in x)
     return x
 
 
@@ -57,7 +57,7 @@ def catch_block_inputs(model: nn.Module, samples: torch.Tensor, device: torch.de
             hidden.append(seen["hidden"].to(cache_device))
     finally:
         handle.remove()
-    return BlockInputs(torch.cat(hidden), _to(seen["kwargs"], device))
+    return BlockInputs(torch.cat(hidden), to_device(seen["kwargs"], device))
 
 
 class HessianAccumulator:

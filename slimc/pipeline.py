@@ -16,7 +16,7 @@ from .passes import MaterializeChannels, MaterializeHeads, PruneChannels, PruneH
 from .passes.prune_heads import head_widths
 
 from . import __version__
-from .calibrate import catch_block_inputs, collect_hessians, decoder_layers, run_block
+from .calibrate import to_device, catch_block_inputs, collect_hessians, decoder_layers, run_block
 from .capture import BlockStructure, capture_block
 from .config import CompileConfig
 from .errors import SlimcError
@@ -93,6 +93,7 @@ def prune_blocks(loaded: LoadedModel, structures: list[BlockStructure], plan: Pr
     prune FFN, then the pruned block's outputs become the next block's inputs."""
     device = torch.device(cfg.device)
     layers = decoder_layers(loaded.model)
+    inputs.kwargs = to_device(inputs.kwargs, device)  # rotary tables etc. live with the block; hidden states stay cached
     slimgpt = cfg.method == "slimgpt"
     head_pass = PruneHeads(cfg.method, cfg.gqa, cfg.head_score, cfg.compensate, cfg.percdamp)
     channel_pass = PruneChannels(cfg.method, cfg.compensate, cfg.percdamp)
@@ -174,7 +175,7 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
     timer = StageTimer()
     t_start = time.perf_counter()
     with timer.stage("load"):
-        loaded = load_model(cfg.model)
+        loaded = load_model(cfg.model, dtype="float32")  # prune in fp32; the output takes the source's dtype
         model = loaded.model
         layers = decoder_layers(model)
     out_dtype = DTYPES[cfg.dtype] if cfg.dtype else loaded.dtype

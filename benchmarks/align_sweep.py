@@ -1,0 +1,75 @@
+"""Which FFN widths does onnxruntime CPU like? Time one gated MLP (SmolLM2's hidden size) exported through
+torch.onnx for a sweep of intermediate widths, and report time per kept channel relative to aligned widths.
+
+    python benchmarks/align_sweep.py --hidden 576 --tokens 512 --widths 1152:1281
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.gate, self.up = nn.Linear(hidden, width, bias=False), nn.Linear(hidden, width, bias=False)
+        self.down = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def time_width(hidden: int, width: int, tokens: int, reps: int, tmp: Path) -> float:
+    import onnxruntime as ort
+
+    path = tmp / f"mlp{width}.onnx"
+    with torch.no_grad():
+        torch.onnx.export(GatedMLP(hidden, width).eval(), (torch.randn(1, tokens, hidden),), str(path), dynamo=True,
+                          verbose=False)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    x = np.random.default_rng(0).standard_normal((1, tokens, hidden), dtype=np.float32)
+    for _ in range(3):
+        sess.run(None, {name: x})
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sess.run(None, {name: x})
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=576)
+    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--widths", default="1216:1281", help="start:stop (python range) of widths")
+    p.add_argument("--reps", type=int, default=15)
+    args = p.parse_args()
+    start, stop = map(int, args.widths.split(":"))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for w in range(start, stop):
+            rows.append((w, time_width(args.hidden, w, args.tokens, args.reps, Path(tmp))))
+    # cost per channel, normalised by the median of widths that are multiples of 64
+    per_channel = {w: t / w for w, t in rows}
+    ref = statistics.median(v for w, v in per_channel.items() if w % 64 == 0) if any(w % 64 == 0 for w, _ in rows) \
+        else statistics.median(per_channel.values())
+    print("| width | ms | time per channel vs multiples of 64 | largest power-of-2 divisor |")
+    print("|---|---|---|---|")
+    for w, t in rows:
+        print(f"| {w} | {1000 * t:.2f} | {per_channel[w] / ref:.3f} | {w & -w} |")
+    for k in (1, 8, 16, 32, 64):
+        sel = [per_channel[w] / ref for w, _ in rows if w % k == 0]
+        print(f"multiples of {k}: {len(sel)} widths, median relative cost per channel {statistics.median(sel):.3f}")
+
+
+if __name__ == "__main__":
+    main()
