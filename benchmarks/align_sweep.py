@@ -26,24 +26,33 @@ class GatedMLP(nn.Module):
         return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
 
 
-def time_width(hidden: int, width: int, tokens: int, reps: int, tmp: Path) -> float:
+def build_session(hidden: int, width: int, tokens: int, tmp: Path):
     import onnxruntime as ort
 
     path = tmp / f"mlp{width}.onnx"
     with torch.no_grad():
         torch.onnx.export(GatedMLP(hidden, width).eval(), (torch.randn(1, tokens, hidden),), str(path), dynamo=True,
                           verbose=False)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def time_widths(hidden: int, widths: list[int], tokens: int, reps: int, tmp: Path) -> dict[int, float]:
+    """Median time per width. Rounds visit every width in a fresh random order, so slow drifts of a shared
+    machine spread over all widths instead of biasing a contiguous range of them."""
+    sessions = {w: build_session(hidden, w, tokens, tmp) for w in widths}
     x = np.random.default_rng(0).standard_normal((1, tokens, hidden), dtype=np.float32)
-    for _ in range(3):
-        sess.run(None, {name: x})
-    times = []
+    feeds = {w: {s.get_inputs()[0].name: x} for w, s in sessions.items()}
+    for w, s in sessions.items():
+        s.run(None, feeds[w])
+    times = {w: [] for w in widths}
+    rng = np.random.default_rng(1)
     for _ in range(reps):
-        t0 = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for w in rng.permutation(widths):
+            w = int(w)
+            t0 = time.perf_counter()
+            sessions[w].run(None, feeds[w])
+            times[w].append(time.perf_counter() - t0)
+    return {w: statistics.median(v) for w, v in times.items()}
 
 
 def main() -> None:
@@ -54,10 +63,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=15)
     args = p.parse_args()
     start, stop = map(int, args.widths.split(":"))
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for w in range(start, stop):
-            rows.append((w, time_width(args.hidden, w, args.tokens, args.reps, Path(tmp))))
+        rows = sorted(time_widths(args.hidden, list(range(start, stop)), args.tokens, args.reps, Path(tmp)).items())
     # cost per channel, normalised by the median of widths that are multiples of 64
     per_channel = {w: t / w for w, t in rows}
     ref = statistics.median(v for w, v in per_channel.items() if w % 64 == 0) if any(w % 64 == 0 for w, _ in rows) \

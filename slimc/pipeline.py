@@ -197,6 +197,7 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
                            for l, s in zip(plan.layers, shapes)]
             plan.block_params_pruned = sum(l.params for l in plan.layers)
             plan.block_params_dense = sum(l.dense_params for l in plan.layers)
+            cfg.gqa = plan.gqa  # the plan's head counts were chosen for its own GQA mode
         else:
             plan = solve_plan(shapes, cfg.sparsity, cfg.schedule, cfg.gqa, cfg.align_ffn, cfg.tp)
         plan.source_model, plan.method, plan.seed, plan.slimc_version = cfg.model, cfg.method, cfg.seed, __version__
@@ -221,7 +222,12 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
     timer.seconds["total"] = time.perf_counter() - t_start
     report = report_mod.build_report(cfg, plan, rows, params_before, params_after, timer.seconds, sample)
     with _staging_dir(output, cfg.overwrite) as tmp:
-        write_hf(slim, loaded.tokenizer, plan.to_json(), tmp)
+        if cfg.target == "vllm":
+            from .exporters.vllm import write_vllm
+
+            write_vllm(slim, loaded.tokenizer, plan.to_json(), tmp, cfg.tp)
+        else:
+            write_hf(slim, loaded.tokenizer, plan.to_json(), tmp)
         if cfg.target == "onnx":
             from .exporters.onnx import export_onnx
 

@@ -129,3 +129,24 @@ def test_unsupported_architecture_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     _one_line_error(rc, err)
     assert "unsupported architecture 'GPT2LMHeadModel'" in err
+
+
+def test_vllm_target_tensor_parallel(tiny_dir, tmp_path):
+    res = _compile(tiny_dir, tmp_path / "tp2", sparsity=0.3, target="vllm", tp=2)
+    cfg = json.loads((res.output / "config.json").read_text())
+    for q, kv, f in zip(cfg["layer_num_attention_heads"], cfg["layer_num_key_value_heads"], cfg["layer_intermediate_size"]):
+        assert q % 2 == 0 and (kv % 2 == 0 or 2 % kv == 0) and f % 2 == 0
+    with pytest.raises(SlimcError, match="tensor parallel 16"):
+        _compile(tiny_dir, tmp_path / "tp16", sparsity=0.3, target="vllm", tp=16)
+    assert not (tmp_path / "tp16").exists()
+
+
+def test_plan_that_breaks_tp_is_refused_at_export(tiny_dir, tmp_path):
+    _compile(tiny_dir, tmp_path / "plan", sparsity=0.3, plan_only=True, gqa="query")
+    plan = tmp_path / "plan" / "slimc_plan.json"
+    d = json.loads(plan.read_text())
+    d["layers"][0]["intermediate_size"] = 95  # odd FFN width
+    plan.write_text(json.dumps(d))
+    with pytest.raises(SlimcError, match="not servable with --tp 2"):
+        _compile(tiny_dir, tmp_path / "out", plan=str(plan), target="vllm", tp=2)
+    assert not (tmp_path / "out").exists()
