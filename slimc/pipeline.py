@@ -187,6 +187,9 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
     with timer.stage("capture"):
         structures = capture_structures(layers, inputs)
         shapes = [block_shape(b, s) for b, s in zip(layers, structures)]
+    if cfg.tp > 1 and model.config.num_attention_heads % cfg.tp:
+        raise SlimcError(f"--tp {cfg.tp}: the model's {model.config.num_attention_heads} attention heads cannot be split "
+                         f"over {cfg.tp} GPUs (vLLM checks the global head count)")
     with timer.stage("plan"):
         if cfg.plan:
             plan = PruningPlan.load(cfg.plan)

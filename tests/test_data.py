@@ -1,60 +1,108 @@
-"""Text preparation, the Brown split, and calibration / evaluation windows."""
+"""Brown text preparation and split, calibration / evaluation windows, text sources (no network, no model)."""
+import sys
+
 import pytest
 import torch
 
 from slimc import data
 from slimc.errors import SlimcError
 
-from conftest import ByteTokenizer
+
+class CharTokenizer:
+    """One token per character (ids 0-127), called the way slimc calls a Hugging Face tokenizer."""
+
+    def __call__(self, text, add_special_tokens=True):
+        assert add_special_tokens is False  # a BOS in the middle of the token stream would be wrong
+        return {"input_ids": [ord(c) % 128 for c in text]}
 
 
-def test_brown_tags_stripped_and_punctuation_attached():
-    raw = ("\n\n\tThe/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' ,/, and/cc and/or/cc 1/2/cd ./.\n\n\n"
-           "\tWhy/wrb ?/. ?/. (/( so/rb )/) !/. !/.\n")
-    text = data.prepare_brown_file(raw)
-    assert text.splitlines() == ['The jury said "no evidence", and and/or 1/2.', "Why? (so)!"]
+def test_tags_dropped_on_the_last_slash():
+    raw = "\tand/or/cc 1/2/cd //in Atlanta's/np$ headline/nn-hl ./.-hl"
+    assert data.prepare_brown_file(raw) == "and/or 1/2 / Atlanta's headline."
 
 
-def test_brown_split_is_disjoint_and_matches_reference():
+def test_quotes_and_punctuation_glued():
+    raw = ("\tThe/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' ,/, ``/`` (/( so/rb )/) ''/'' "
+           "it/pps 's/bez --/-- fine/jj :/: yes/rb ;/. '/' ok/rb ?/. !/.")
+    assert data.prepare_brown_file(raw) == "The jury said \"no evidence\", \"(so)\" it's -- fine: yes;' ok?!"
+
+
+def test_doubled_punctuation_collapsed_and_paragraphs_kept():
+    raw = ("\n\n\tHe/pps left/vbd ;/. ;/. why/wrb ?/. ?/.\n\n\n"
+           "\tHeadline/nn-hl \nStop/vb !/. !/. !/.\n\n")
+    assert data.prepare_brown_file(raw).split("\n") == ["He left; why?", "Headline Stop!"]
+
+
+def test_brown_split_matches_reference():
     cal, ev = data.brown_files("calibration"), data.brown_files("evaluation")
     assert len(cal) == len(ev) == 45 and not set(cal) & set(ev)
-    assert cal[:3] == ["ca01", "ca02", "ca03"] and cal[-1] == "cr03"
-    assert ev[:3] == ["ca42", "ca43", "ca44"] and "cm04" in ev and ev[-1] == "cr09"
+    assert cal == [f"c{c}0{i}" for c in "abcdefghjklmnpr" for i in (1, 2, 3)]
+    # docs/assets.md, written out: ca42-44, cb25-27, cc15-17, ... cr07-09
+    ranges = "a42 b25 c15 d15 e34 f46 g73 h28 j78 k27 l22 m04 n27 p27 r07".split()
+    assert ev == [f"c{r[0]}{int(r[1:]) + k:02d}" for r in ranges for k in range(3)]
 
 
-def test_calibration_samples_are_seeded_windows(tmp_path):
+def _text_file(tmp_path, text):
     f = tmp_path / "t.txt"
+    f.write_text(text)
+    return str(f)
+
+
+def test_calibration_samples_are_seeded_distinct_windows(tmp_path):
     g = torch.Generator().manual_seed(0)
-    f.write_text("".join(chr(97 + int(i)) for i in torch.randint(0, 26, (400,), generator=g)))  # 12 windows of 32
-    tok = ByteTokenizer()
-    a = data.calibration_samples(tok, str(f), 5, 32, seed=1)
-    b = data.calibration_samples(tok, str(f), 5, 32, seed=1)
-    c = data.calibration_samples(tok, str(f), 5, 32, seed=2)
-    assert a.shape == (5, 32) and torch.equal(a, b) and not torch.equal(a, c)
-    ids = torch.tensor(tok(f.read_text())["input_ids"])
-    starts = [int((ids.unfold(0, 32, 32) == row).all(1).nonzero()[0]) for row in a]
-    assert len(set(starts)) == 5  # distinct non-overlapping windows
+    text = "".join(chr(97 + int(i)) for i in torch.randint(0, 26, (400,), generator=g))  # 12 windows of 32
+    src = _text_file(tmp_path, text)
+    a = data.calibration_samples(CharTokenizer(), src, 5, 32, seed=1)
+    assert a.dtype == torch.long and a.shape == (5, 32)
+    assert torch.equal(a, data.calibration_samples(CharTokenizer(), src, 5, 32, seed=1))
+    assert not torch.equal(a, data.calibration_samples(CharTokenizer(), src, 5, 32, seed=2))
+    windows = torch.tensor([ord(c) for c in text[: 12 * 32]]).view(12, 32)
+    starts = [int((windows == row).all(1).nonzero()[0]) for row in a]  # each row is an aligned window
+    assert len(set(starts)) == 5
 
 
 def test_too_little_calibration_text_is_a_clear_error(tmp_path):
-    f = tmp_path / "t.txt"
-    f.write_text("x" * 100)
-    with pytest.raises(SlimcError, match=r"100 tokens.*need 320"):
-        data.calibration_samples(ByteTokenizer(), str(f), 10, 32, 0)
+    src = _text_file(tmp_path, "x" * 100)
+    with pytest.raises(SlimcError, match=r"has 100 tokens.*need 320.*fewer"):
+        data.calibration_samples(CharTokenizer(), src, 10, 32, 0)
 
 
-def test_eval_windows_cut_and_cap(tmp_path):
-    f = tmp_path / "t.txt"
-    f.write_text("y" * 1000)
-    w = data.eval_windows(ByteTokenizer(), str(f), 64, max_tokens=300)
+def test_eval_windows_in_order_capped_tail_dropped(tmp_path):
+    text = "".join(chr(32 + i % 90) for i in range(1000))
+    src = _text_file(tmp_path, text)
+    w = data.eval_windows(CharTokenizer(), src, 64, max_tokens=300)
     assert w.shape == (4, 64)
+    assert w.flatten().tolist() == [ord(c) for c in text[:256]]
+    assert data.eval_windows(CharTokenizer(), src, 64).shape == (15, 64)
     with pytest.raises(SlimcError, match="fewer than one window"):
-        data.eval_windows(ByteTokenizer(), str(f), 2048)
+        data.eval_windows(CharTokenizer(), src, 2048)
 
 
-def test_text_sources(tmp_path):
+def test_path_sources(tmp_path):
     (tmp_path / "b.txt").write_text("second")
     (tmp_path / "a.txt").write_text("first")
+    (tmp_path / "c.md").write_text("ignored")
     assert data.load_text(str(tmp_path), "calibration") == "first\n\nsecond"
+    assert data.load_text(str(tmp_path / "b.txt"), "evaluation") == "second"
     with pytest.raises(SlimcError, match="not found"):
         data.load_text(str(tmp_path / "nope.txt"), "evaluation")
+    with pytest.raises(SlimcError, match="no .txt files"):
+        data.load_text(str(tmp_path / "a.txt/.."), "evaluation") if False else data.load_text(
+            str(_empty_dir(tmp_path)), "evaluation")
+
+
+def _empty_dir(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    return d
+
+
+def test_unknown_source_lists_accepted_values():
+    with pytest.raises(SlimcError, match="brown, wikitext2, c4 or a path"):
+        data.load_text("wikitext-103", "calibration")
+
+
+def test_hub_source_without_datasets_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `datasets` unimportable
+    with pytest.raises(SlimcError, match=r"`datasets` \(pip install datasets\)"):
+        data.load_text("wikitext2", "evaluation")
