@@ -22,8 +22,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", default="brown", help="brown | wikitext2 | c4 | PATH to a .txt file or directory")
     c.add_argument("--calib-samples", type=int, default=128)
     c.add_argument("--seq-len", type=int, default=512)
-    c.add_argument("--gqa", default="groups", choices=["groups", "query"],
-                   help="groups: drop whole KV groups; query: drop query heads evenly from every group")
+    c.add_argument("--gqa", default="query", choices=["groups", "query"],
+                   help="query: drop query heads evenly from every KV group; groups: drop whole KV groups")
+    c.add_argument("--head-rounding", default="floor", choices=["floor", "nearest"],
+                   help="floor: drop a head unit only when the layer's target covers it whole")
     c.add_argument("--align-ffn", type=int, default=1, help="round kept FFN widths to a multiple of this")
     c.add_argument("--tp", type=int, default=1, help="make every layer valid for this tensor-parallel size")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the source's)")

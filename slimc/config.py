@@ -5,7 +5,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 from .errors import SlimcError
-from .plan import GQA_MODES, SCHEDULES
+from .plan import GQA_MODES, HEAD_ROUNDINGS, SCHEDULES
 
 TARGETS = ("hf", "vllm", "onnx")
 METHODS = ("slimgpt", "magnitude")
@@ -25,7 +25,8 @@ class CompileConfig:
     calib: str = "brown"
     calib_samples: int = 128
     seq_len: int = 512
-    gqa: str = "groups"
+    gqa: str = "query"
+    head_rounding: str = "floor"
     align_ffn: int = 1
     tp: int = 1
     dtype: str | None = None  # None: the source model's dtype
@@ -49,6 +50,7 @@ class CompileConfig:
         one_of("schedule", self.schedule, SCHEDULES)
         one_of("gqa", self.gqa, GQA_MODES)
         one_of("head_score", self.head_score, HEAD_SCORES)
+        one_of("head_rounding", self.head_rounding, HEAD_ROUNDINGS)
         if self.dtype is not None:
             one_of("dtype", self.dtype, DTYPE_NAMES)
         if not 0 < self.sparsity <= 0.9:

@@ -40,8 +40,7 @@ def brown_files(split: str) -> list[str]:
 def prepare_brown_file(raw: str) -> str:
     """One tagged Brown file -> plain text: `/tag` dropped from each token, `` and '' turned into ",
     punctuation glued to the previous word (opening quotes and brackets to the next; single quotes ' paired
-    up), the corpus's doubled
-    ;; ?? !! collapsed, one line per paragraph (blank-line separated chunk)."""
+    up), the corpus's doubled ;; ?? !! collapsed, one line per paragraph (blank-line separated chunk)."""
     lines = []
     for para in re.split(r"\n\s*\n", raw):
         out: list[str] = []
@@ -105,7 +104,8 @@ def load_text(source: str, split: str) -> str:
         if not files:
             raise SlimcError(f"no .txt files in {p}")
         return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
-    raise SlimcError(f"text source not found: {source} (use {', '.join(SOURCES)} or a path to a .txt file or directory)")
+    raise SlimcError(f"text source not found: {source} "
+                     f"(use {', '.join(SOURCES)} or a path to a .txt file or directory)")
 
 
 def _load_hub(name: str, *args, **kwargs):

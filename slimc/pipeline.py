@@ -202,7 +202,7 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
             plan.block_params_dense = sum(l.dense_params for l in plan.layers)
             cfg.gqa = plan.gqa  # the plan's head counts were chosen for its own GQA mode
         else:
-            plan = solve_plan(shapes, cfg.sparsity, cfg.schedule, cfg.gqa, cfg.align_ffn, cfg.tp)
+            plan = solve_plan(shapes, cfg.sparsity, cfg.schedule, cfg.gqa, cfg.align_ffn, cfg.tp, cfg.head_rounding)
         plan.source_model, plan.method, plan.seed, plan.slimc_version = cfg.model, cfg.method, cfg.seed, __version__
         plan.calibration = {"source": cfg.calib, "samples": cfg.calib_samples, "seq_len": cfg.seq_len}
     if cfg.plan_only:

@@ -17,6 +17,7 @@ from .errors import SlimcError
 PLAN_FORMAT = "slimc.plan/1"
 SCHEDULES = ("log", "linear", "uniform")
 GQA_MODES = ("groups", "query")
+HEAD_ROUNDINGS = ("floor", "nearest")
 SHAPE_RATIO = 4.0  # r_last / r_first, the published SlimGPT shape (LLaMA-7B 20%: 0.0625 -> 0.25)
 MAX_LAYER_RATIO = 0.95
 TOLERANCE = 0.01  # achieved sparsity must be within +-1 point of the request
@@ -67,6 +68,7 @@ class PruningPlan:
     source_model: str = ""
     method: str = ""
     calibration: dict = field(default_factory=dict)
+    head_rounding: str = "floor"
     seed: int = 0
     slimc_version: str = ""
     format: str = PLAN_FORMAT
@@ -119,8 +121,13 @@ def _tp_ok(q: int, kv: int, tp: int) -> bool:
     return q % tp == 0 and (kv % tp == 0 or tp % kv == 0)
 
 
-def layer_widths(shape: BlockShape, ratio: float, gqa: str, align_ffn: int, tp: int) -> LayerPlan:
-    """Widths of one layer for a parameter target `ratio`: heads rounded to whole units, FFN takes the rest."""
+def layer_widths(shape: BlockShape, ratio: float, gqa: str, align_ffn: int, tp: int,
+                 head_rounding: str = "floor") -> LayerPlan:
+    """Widths of one layer for a parameter target `ratio`: heads rounded to whole units, FFN takes the rest.
+
+    head_rounding="floor" removes a head unit only when the layer's target covers it whole; "nearest" rounds
+    to the closest unit count. Head units are coarse (a third of a SmolLM2 layer's attention), and on held-out
+    Brown text removing fewer heads and more FFN channels was clearly better (BENCHMARKS.md)."""
     group = shape.num_heads // shape.num_kv_heads
     if gqa == "groups":  # a unit is one KV head with all its query heads
         n_units, unit_q, unit_kv = shape.num_kv_heads, group, 1
@@ -129,7 +136,10 @@ def layer_widths(shape: BlockShape, ratio: float, gqa: str, align_ffn: int, tp: 
     else:
         raise SlimcError(f"unknown --gqa mode {gqa!r} (choose from {', '.join(GQA_MODES)})")
     ideal = ratio * n_units
-    candidates = sorted(range(n_units), key=lambda u: (abs(u - ideal), u))  # keep >= 1 unit
+    if head_rounding not in HEAD_ROUNDINGS:
+        raise SlimcError(f"unknown head rounding {head_rounding!r} (choose from {', '.join(HEAD_ROUNDINGS)})")
+    over = (lambda u: u > ideal + 1e-9) if head_rounding == "floor" else (lambda u: False)
+    candidates = sorted(range(n_units), key=lambda u: (over(u), abs(u - ideal), u))  # keep >= 1 unit
     for u in candidates:
         q, kv = shape.num_heads - u * unit_q, shape.num_kv_heads - u * unit_kv
         if _tp_ok(q, kv, tp):
@@ -152,8 +162,8 @@ def layer_widths(shape: BlockShape, ratio: float, gqa: str, align_ffn: int, tp: 
 
 
 def solve_plan(
-    shapes: list[BlockShape], sparsity: float, schedule: str = "log", gqa: str = "groups",
-    align_ffn: int = 1, tp: int = 1,
+    shapes: list[BlockShape], sparsity: float, schedule: str = "log", gqa: str = "query",
+    align_ffn: int = 1, tp: int = 1, head_rounding: str = "floor",
 ) -> PruningPlan:
     """Find the schedule scale whose rounded per-layer widths remove `sparsity` of the block parameters."""
     if not 0 < sparsity <= 0.9:
@@ -165,7 +175,7 @@ def solve_plan(
 
     def build(scale: float) -> tuple[list[LayerPlan], float]:
         ratios = [min(r, MAX_LAYER_RATIO) for r in schedule_ratios(schedule, n, scale)]
-        layers = [layer_widths(s, r, gqa, align_ffn, tp) for s, r in zip(shapes, ratios)]
+        layers = [layer_widths(s, r, gqa, align_ffn, tp, head_rounding) for s, r in zip(shapes, ratios)]
         return layers, 1 - sum(layer.params for layer in layers) / dense
 
     hi = MAX_LAYER_RATIO  # at this scale every layer is capped: the most the schedule can remove
@@ -194,5 +204,5 @@ def solve_plan(
     pruned = sum(layer.params for layer in best_layers)
     return PruningPlan(
         sparsity=sparsity, schedule=schedule, gqa=gqa, align_ffn=align_ffn, tp=tp, layers=best_layers,
-        block_params_dense=dense, block_params_pruned=pruned, scale=best_scale,
+        block_params_dense=dense, block_params_pruned=pruned, scale=best_scale, head_rounding=head_rounding,
     )

@@ -23,8 +23,9 @@ def test_tags_dropped_on_the_last_slash():
 
 def test_quotes_and_punctuation_glued():
     raw = ("\tThe/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' ,/, ``/`` (/( so/rb )/) ''/'' "
-           "it/pps 's/bez --/-- fine/jj :/: yes/rb ;/. '/' ok/rb ?/. !/.")
-    assert data.prepare_brown_file(raw) == "The jury said \"no evidence\", \"(so)\" it's -- fine: yes;' ok?!"
+           "--/-- more/ap '/' pro/jj '/' than/in '/' con/jj '/' :/: it's/pps+bez fine/jj ?/. !/.")
+    assert data.prepare_brown_file(raw) == ("The jury said \"no evidence\", \"(so)\" -- more 'pro' than 'con': "
+                                            "it's fine?!")
 
 
 def test_doubled_punctuation_collapsed_and_paragraphs_kept():
@@ -79,22 +80,16 @@ def test_eval_windows_in_order_capped_tail_dropped(tmp_path):
 
 
 def test_path_sources(tmp_path):
-    (tmp_path / "b.txt").write_text("second")
-    (tmp_path / "a.txt").write_text("first")
-    (tmp_path / "c.md").write_text("ignored")
-    assert data.load_text(str(tmp_path), "calibration") == "first\n\nsecond"
+    for name, text in [("b.txt", "second"), ("sub/c.txt", "third"), ("a.txt", "first"), ("d.md", "ignored")]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert data.load_text(str(tmp_path), "calibration") == "first\n\nsecond\n\nthird"
     assert data.load_text(str(tmp_path / "b.txt"), "evaluation") == "second"
     with pytest.raises(SlimcError, match="not found"):
         data.load_text(str(tmp_path / "nope.txt"), "evaluation")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(SlimcError, match="no .txt files"):
-        data.load_text(str(tmp_path / "a.txt/.."), "evaluation") if False else data.load_text(
-            str(_empty_dir(tmp_path)), "evaluation")
-
-
-def _empty_dir(tmp_path):
-    d = tmp_path / "empty"
-    d.mkdir()
-    return d
+        data.load_text(str(tmp_path / "empty"), "evaluation")
 
 
 def test_unknown_source_lists_accepted_values():

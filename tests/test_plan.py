@@ -26,8 +26,9 @@ def test_log_schedule_shape():
 @pytest.mark.parametrize("sparsity", [0.1, 0.2, 0.3, 0.5])
 @pytest.mark.parametrize("schedule", ["log", "linear", "uniform"])
 @pytest.mark.parametrize("gqa", ["groups", "query"])
-def test_solved_plan_hits_target_within_one_point(sparsity, schedule, gqa):
-    plan = solve_plan([SMOL] * 30, sparsity, schedule, gqa)
+@pytest.mark.parametrize("rounding", ["floor", "nearest"])
+def test_solved_plan_hits_target_within_one_point(sparsity, schedule, gqa, rounding):
+    plan = solve_plan([SMOL] * 30, sparsity, schedule, gqa, head_rounding=rounding)
     assert abs(plan.achieved_sparsity - sparsity) <= 0.01
     for layer in plan.layers:
         assert layer.num_attention_heads % layer.num_key_value_heads == 0
@@ -41,6 +42,15 @@ def test_gqa_units():
     assert (groups.num_attention_heads, groups.num_key_value_heads) == (6, 2)
     query = layer_widths(SMOL, 0.4, "query", 1, 1)
     assert (query.num_attention_heads, query.num_key_value_heads) == (6, 3)
+
+
+def test_head_rounding():
+    # a 0.25 target is 0.75 of a head unit: nearest removes one unit, floor none (the FFN takes it all)
+    nearest = layer_widths(SMOL, 0.25, "query", 1, 1, "nearest")
+    floor = layer_widths(SMOL, 0.25, "query", 1, 1, "floor")
+    assert nearest.num_attention_heads == 6 and floor.num_attention_heads == 9
+    assert floor.intermediate_size < nearest.intermediate_size
+    assert abs(floor.ratio - 0.25) < 0.01 and abs(nearest.ratio - 0.25) < 0.01
 
 
 def test_ffn_alignment():
@@ -59,8 +69,8 @@ def test_tensor_parallel_divisibility():
 
 def test_tensor_parallel_impossible_is_refused():
     with pytest.raises(SlimcError, match="tensor parallel 4"):
-        solve_plan([SMOL] * 4, 0.2, tp=4)  # 9, 6 or 3 query heads never split over 4 GPUs
-    plan = solve_plan([SMOL] * 4, 0.2, tp=2)  # but 6 query / 2 KV heads do split over 2
+        solve_plan([SMOL] * 4, 0.2, gqa="groups", tp=4)  # 9, 6 or 3 query heads never split over 4 GPUs
+    plan = solve_plan([SMOL] * 4, 0.2, gqa="groups", tp=2)  # but 6 query / 2 KV heads do split over 2
     assert {(l.num_attention_heads, l.num_key_value_heads) for l in plan.layers} == {(6, 2)}
 
 
