@@ -1,7 +1,9 @@
-"""Which FFN widths does onnxruntime CPU like? Time one gated MLP (SmolLM2's hidden size) exported through
-torch.onnx for a sweep of intermediate widths, and report time per kept channel relative to aligned widths.
+"""Which FFN widths does a runtime like? Time one gated MLP (SmolLM2's hidden size) for a sweep of
+intermediate widths, on onnxruntime CPU (exported through torch.onnx, what `--target onnx` serves) or eager
+torch (what `--target hf` runs), and report time per kept channel relative to widths that are multiples of 64.
 
-    python benchmarks/align_sweep.py --hidden 576 --tokens 512 --widths 1152:1281
+    python benchmarks/align_sweep.py --runtime onnxruntime --hidden 576 --tokens 512 --widths 1216:1281
+    python benchmarks/align_sweep.py --runtime torch --hidden 576 --tokens 512 --widths 1216:1281
 """
 from __future__ import annotations
 
@@ -33,30 +35,48 @@ def build_session(hidden: int, width: int, tokens: int, tmp: Path):
     with torch.no_grad():
         torch.onnx.export(GatedMLP(hidden, width).eval(), (torch.randn(1, tokens, hidden),), str(path), dynamo=True,
                           verbose=False)
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # Idle intra-op threads of one session spin and steal the cores from the next session run in the
+    # interleaved loop (measured: 4x slower, and bimodal per session); one session at a time does not spin.
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def time_widths(hidden: int, widths: list[int], tokens: int, reps: int, tmp: Path) -> dict[int, float]:
+def build_runners(runtime: str, hidden: int, widths: list[int], tokens: int, tmp: Path) -> dict:
+    x = np.random.default_rng(0).standard_normal((1, tokens, hidden), dtype=np.float32)
+    if runtime == "onnxruntime":
+        sessions = {w: build_session(hidden, w, tokens, tmp) for w in widths}
+        return {w: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x})) for w, s in sessions.items()}
+    xt = torch.from_numpy(x)
+
+    def runner(mlp):
+        def run():
+            with torch.no_grad():
+                mlp(xt)
+        return run
+    return {w: runner(GatedMLP(hidden, w).eval()) for w in widths}
+
+
+def time_widths(runtime: str, hidden: int, widths: list[int], tokens: int, reps: int, tmp: Path) -> dict[int, float]:
     """Median time per width. Rounds visit every width in a fresh random order, so slow drifts of a shared
     machine spread over all widths instead of biasing a contiguous range of them."""
-    sessions = {w: build_session(hidden, w, tokens, tmp) for w in widths}
-    x = np.random.default_rng(0).standard_normal((1, tokens, hidden), dtype=np.float32)
-    feeds = {w: {s.get_inputs()[0].name: x} for w, s in sessions.items()}
-    for w, s in sessions.items():
-        s.run(None, feeds[w])
+    runners = build_runners(runtime, hidden, widths, tokens, tmp)
+    for run in runners.values():
+        run()
     times = {w: [] for w in widths}
     rng = np.random.default_rng(1)
     for _ in range(reps):
         for w in rng.permutation(widths):
             w = int(w)
             t0 = time.perf_counter()
-            sessions[w].run(None, feeds[w])
+            runners[w]()
             times[w].append(time.perf_counter() - t0)
     return {w: statistics.median(v) for w, v in times.items()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runtime", choices=("onnxruntime", "torch"), default="onnxruntime")
     p.add_argument("--hidden", type=int, default=576)
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--widths", default="1216:1281", help="start:stop (python range) of widths")
@@ -64,11 +84,13 @@ def main() -> None:
     args = p.parse_args()
     start, stop = map(int, args.widths.split(":"))
     with tempfile.TemporaryDirectory() as tmp:
-        rows = sorted(time_widths(args.hidden, list(range(start, stop)), args.tokens, args.reps, Path(tmp)).items())
+        rows = sorted(time_widths(args.runtime, args.hidden, list(range(start, stop)), args.tokens, args.reps, Path(tmp)).items())
     # cost per channel, normalised by the median of widths that are multiples of 64
     per_channel = {w: t / w for w, t in rows}
     ref = statistics.median(v for w, v in per_channel.items() if w % 64 == 0) if any(w % 64 == 0 for w, _ in rows) \
         else statistics.median(per_channel.values())
+    print(f"{args.runtime}, {torch.get_num_threads()} threads, hidden {args.hidden}, {args.tokens} tokens, "
+          f"median of {args.reps} interleaved reps")
     print("| width | ms | time per channel vs multiples of 64 | largest power-of-2 divisor |")
     print("|---|---|---|---|")
     for w, t in rows:

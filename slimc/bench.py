@@ -85,7 +85,9 @@ class _OrtRunner:
     def __init__(self, onnx_dir, config, threads=None):
         from .runtime_onnx import OnnxDecoder
 
-        self.dec = OnnxDecoder(onnx_dir, threads=threads)
+        # dense and pruned sessions take turns on the same cores: without spinning off, the idle threads of
+        # one busy-wait through the other's run (measured 4x slowdowns of whichever runs second)
+        self.dec = OnnxDecoder(onnx_dir, threads=threads, spinning=False)
         self.config = config
 
     def prefill(self, batch, seq):
@@ -107,14 +109,24 @@ class _OrtRunner:
         return run
 
 
-def _dense_onnx_dir(spec: str, model) -> Path:
-    """The dense model's ONNX export, cached by source name (export takes minutes)."""
+def model_fingerprint(model) -> str:
+    """Hash of the config and of every parameter's name, shape and sum: a local directory whose weights
+    changed under the same path never hits a stale export."""
     import hashlib
 
+    h = hashlib.sha1(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            h.update(f"{name}{tuple(p.shape)}{p.double().sum().item():.10e}".encode())
+    return h.hexdigest()[:16]
+
+
+def _dense_onnx_dir(spec: str, model) -> Path:
+    """The dense model's ONNX export, cached by model fingerprint (export takes minutes)."""
     from .assets import cache_dir
     from .exporters.onnx import ONNX_DIR, export_onnx
 
-    d = cache_dir() / "onnx-dense" / hashlib.sha1(spec.encode()).hexdigest()[:12]
+    d = cache_dir() / "onnx-dense" / model_fingerprint(model)
     if not (d / ONNX_DIR / "io.json").is_file():
         print(f"slimc: exporting the dense model {spec} to ONNX once (cached in {d})")
         export_onnx(model, d)

@@ -10,7 +10,10 @@ from .errors import SlimcError
 
 
 class OnnxDecoder:
-    def __init__(self, onnx_dir: str | Path, threads: int | None = None, provider: str | None = None):
+    def __init__(self, onnx_dir: str | Path, threads: int | None = None, provider: str | None = None,
+                 spinning: bool = True):
+        """spinning=False stops idle intra-op threads from busy-waiting: needed when several sessions take
+        turns on the same cores (a side-by-side benchmark), where spinning threads of one steal the other's."""
         import onnxruntime as ort
 
         onnx_dir = Path(onnx_dir)
@@ -22,6 +25,8 @@ class OnnxDecoder:
         if threads:
             opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = [provider] if provider else (
             ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in ort.get_available_providers()
             else ["CPUExecutionProvider"])
