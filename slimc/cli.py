@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="query: drop query heads evenly from every KV group; groups: drop whole KV groups")
     c.add_argument("--head-rounding", default="floor", choices=["floor", "nearest"],
                    help="floor: drop a head unit only when the layer's target covers it whole")
-    c.add_argument("--align-ffn", type=int, default=1, help="round kept FFN widths to a multiple of this")
+    c.add_argument("--align-ffn", type=int, default=None,
+                   help="round kept FFN widths to a multiple of this (default: measured per target, see README)")
     c.add_argument("--tp", type=int, default=1, help="make every layer valid for this tensor-parallel size")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the source's)")
     c.add_argument("--seed", type=int, default=0)

@@ -12,6 +12,12 @@ METHODS = ("slimgpt", "magnitude")
 HEAD_SCORES = ("grouped", "column")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 CONFIG_FORMAT = "slimc.compile-config/1"
+# Multiple that kept FFN widths are rounded to when --align-ffn is not given, per target, from measuring a
+# gated MLP over a sweep of widths on the target's runtime (benchmarks/align_sweep.py, BENCHMARKS.md):
+# torch CPU (hf) runs multiples of 8 about 8 % faster per channel at prefill; onnxruntime CPU showed no
+# width effect at all (±1 %). vllm: not measured yet (no GPU lent); 8 follows NVIDIA's tensor-core rule
+# for 16-bit GEMMs (dimensions in multiples of 8) until a GPU sweep replaces it.
+DEFAULT_ALIGN_FFN = {"hf": 8, "onnx": 1, "vllm": 8}
 
 
 @dataclass
@@ -27,7 +33,7 @@ class CompileConfig:
     seq_len: int = 512
     gqa: str = "query"
     head_rounding: str = "floor"
-    align_ffn: int = 1
+    align_ffn: int | None = None  # None: DEFAULT_ALIGN_FFN[target]
     tp: int = 1
     dtype: str | None = None  # None: the source model's dtype
     seed: int = 0
@@ -51,6 +57,8 @@ class CompileConfig:
         one_of("gqa", self.gqa, GQA_MODES)
         one_of("head_score", self.head_score, HEAD_SCORES)
         one_of("head_rounding", self.head_rounding, HEAD_ROUNDINGS)
+        if self.align_ffn is None:
+            self.align_ffn = DEFAULT_ALIGN_FFN[self.target]
         if self.dtype is not None:
             one_of("dtype", self.dtype, DTYPE_NAMES)
         if not 0 < self.sparsity <= 0.9:

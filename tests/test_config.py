@@ -1,0 +1,37 @@
+import json
+
+import pytest
+
+from slimc.config import DEFAULT_ALIGN_FFN, TARGETS, CompileConfig
+from slimc.errors import SlimcError
+
+
+def test_config_round_trips_through_json():
+    cfg = CompileConfig("smollm2-135m", "out", sparsity=0.35, target="onnx", gqa="groups", align_ffn=16, seed=3,
+                        compensate=False)
+    again = CompileConfig.from_dict(json.loads(cfg.to_json()))
+    assert again == cfg
+    assert json.loads(cfg.to_json())["format"] == "slimc.compile-config/1"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_align_ffn_defaults_per_target_and_is_recorded(target):
+    cfg = CompileConfig("m", "o", target=target)
+    assert cfg.align_ffn == DEFAULT_ALIGN_FFN[target]
+    # the resolved value, not None, is what lands in the JSON stored with the checkpoint
+    assert json.loads(cfg.to_json())["align_ffn"] == DEFAULT_ALIGN_FFN[target]
+
+
+def test_explicit_align_ffn_wins_over_the_target_default():
+    assert CompileConfig("m", "o", target="onnx", align_ffn=7).align_ffn == 7
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"align_ffn": 0}, "--align-ffn"),
+    ({"sparsity": 0.95}, "--sparsity"),
+    ({"target": "tensorrt"}, "--target"),
+    ({"gqa": "heads"}, "--gqa"),
+])
+def test_bad_options_are_refused(kwargs, message):
+    with pytest.raises(SlimcError, match=message):
+        CompileConfig("m", "o", **kwargs)
