@@ -91,6 +91,8 @@ def load_model(spec: str, dtype: str | None = None, device: str = "cpu", allow_s
         raise SlimcError(f"cannot load model {spec}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     # a GGUF-loaded model carries a quantizer marker that blocks saving; the weights are plain fp32 now
     model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False  # else transformers refuses .float()/.half() on it
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.eval().to(device)
