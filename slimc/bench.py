@@ -19,6 +19,7 @@ from .errors import SlimcError
 PROMPTS = (128, 512, 2048)
 DECODE_BATCHES = (1, 8)
 DECODE_CONTEXT = 128
+RUNTIMES = ("onnxruntime", "torch", "vllm")
 
 
 def layer_widths(config) -> list[tuple[int, int, int]]:
@@ -144,29 +145,36 @@ def run_bench(out: str, runtime: str = "onnxruntime", against: str | None = None
     against = against or json.loads(plan_path.read_text()).get("source_model")
     if not against:
         raise SlimcError("the plan names no source model: pass --against MODEL")
+    if runtime not in RUNTIMES:
+        raise SlimcError(f"unknown runtime {runtime!r} (choose from {', '.join(RUNTIMES)})")
+    if runtime == "vllm":
+        from .bench_vllm import ensure_vllm_available
+
+        ensure_vllm_available()  # before minutes of model loading
     pruned = load_model(str(out_dir), allow_slimc=True)
     dense = load_model(against, dtype="float32")
+    cfg_d, cfg_p = dense.model.config, pruned.model.config
+    if runtime == "vllm":
+        from .bench_vllm import measure_pair
+
+        t = measure_pair(str(out_dir), against, prompts, batches, decode_steps, DECODE_CONTEXT, reps)
+        prefill = {seq: {k: t[k]["prefill_s"][seq] for k in t} for seq in prompts}
+        decode = {b: {k: t[k]["decode_s_per_token"][b] for k in t} for b in batches}
+        rows = timing_rows(cfg_d, cfg_p, prefill, decode, decode_steps)
+        return _result(runtime, out_dir, against, None, dense, pruned, rows)
     if runtime == "torch":
         runners = {"dense": _TorchRunner(dense.model), "pruned": _TorchRunner(pruned.model.float())}
-    elif runtime == "onnxruntime":
+    else:
         if not (out_dir / "onnx" / "io.json").is_file():
             raise SlimcError(f"{out} has no ONNX model: compile it with --target onnx")
         runners = {"dense": _OrtRunner(_dense_onnx_dir(against, dense.model), dense.model.config, threads),
                    "pruned": _OrtRunner(out_dir / "onnx", pruned.model.config, threads)}
-    elif runtime == "vllm":
-        raise SlimcError("--runtime vllm needs a CUDA GPU and vllm installed; use benchmarks/gpu_vllm_check.py there")
-    else:
-        raise SlimcError(f"unknown runtime {runtime!r}")
-    cfg_d, cfg_p = dense.model.config, pruned.model.config
-    rows = []
+    prefill, decode = {}, {}
     for seq in prompts:
         fns = {k: r.prefill(1, seq) for k, r in runners.items()}
         for fn in fns.values():
             fn()  # warm-up
-        t = _median_interleaved(fns, reps)
-        ideal = forward_macs(cfg_d, 1, seq, 0) / forward_macs(cfg_p, 1, seq, 0)
-        rows.append({"phase": "prefill", "batch": 1, "tokens": seq, "dense_tok_s": seq / t["dense"],
-                     "pruned_tok_s": seq / t["pruned"], "speedup": t["dense"] / t["pruned"], "ideal": ideal})
+        prefill[seq] = _median_interleaved(fns, reps)
     for batch in batches:
         fns = {k: r.decode(batch, DECODE_CONTEXT, decode_steps) for k, r in runners.items()}
         for fn in fns.values():
@@ -175,14 +183,31 @@ def run_bench(out: str, runtime: str = "onnxruntime", against: str | None = None
         for _ in range(reps):
             for k, fn in fns.items():
                 times[k].append(fn() / decode_steps)
-        t = {k: statistics.median(v) for k, v in times.items()}
-        ctx = DECODE_CONTEXT + decode_steps // 2
+        decode[batch] = {k: statistics.median(v) for k, v in times.items()}
+    rows = timing_rows(cfg_d, cfg_p, prefill, decode, decode_steps)
+    return _result(runtime, out_dir, against, threads or torch.get_num_threads(), dense, pruned, rows)
+
+
+def timing_rows(cfg_d, cfg_p, prefill: dict, decode: dict, decode_steps: int) -> list[dict]:
+    """Table rows from median seconds: prefill {seq: {"dense", "pruned"}} per prompt, decode {batch: ...}
+    per generated token; each with the FLOP-ideal speedup at that shape and measured / ideal."""
+    rows = []
+    for seq, t in prefill.items():
+        ideal = forward_macs(cfg_d, 1, seq, 0) / forward_macs(cfg_p, 1, seq, 0)
+        rows.append({"phase": "prefill", "batch": 1, "tokens": seq, "dense_tok_s": seq / t["dense"],
+                     "pruned_tok_s": seq / t["pruned"], "speedup": t["dense"] / t["pruned"], "ideal": ideal})
+    ctx = DECODE_CONTEXT + decode_steps // 2
+    for batch, t in decode.items():
         ideal = forward_macs(cfg_d, batch, 1, ctx) / forward_macs(cfg_p, batch, 1, ctx)
         rows.append({"phase": "decode", "batch": batch, "tokens": decode_steps, "dense_ms_tok": 1000 * t["dense"],
                      "pruned_ms_tok": 1000 * t["pruned"], "speedup": t["dense"] / t["pruned"], "ideal": ideal})
     for r in rows:
         r["measured_over_ideal"] = r["speedup"] / r["ideal"]
-    return {"runtime": runtime, "model": str(out_dir), "against": against, "threads": threads or torch.get_num_threads(),
+    return rows
+
+
+def _result(runtime, out_dir, against, threads, dense, pruned, rows) -> dict:
+    return {"runtime": runtime, "model": str(out_dir), "against": against, "threads": threads,
             "params_dense": sum(p.numel() for p in dense.model.parameters()),
             "params_pruned": sum(p.numel() for p in pruned.model.parameters()), "rows": rows}
 
