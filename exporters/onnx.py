@@ -118,9 +118,17 @@ def export_onnx(model: nn.Module, out_dir: Path) -> dict:
     return io
 
 
+def max_abs_diff(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got - ref).abs().max())
+
+
+def output_scale(ref: torch.Tensor) -> float:
+    return max(1.0, float(ref.abs().max()))
+
+
 def relative_diff(got: torch.Tensor, ref: torch.Tensor) -> float:
     """max |got - ref| over max(1, max |ref|): the scale-aware parity measure of PARITY_RTOL."""
-    return float((got - ref).abs().max()) / max(1.0, float(ref.abs().max()))
+    return max_abs_diff(got, ref) / output_scale(ref)
 
 
 @torch.no_grad()
@@ -141,6 +149,6 @@ def check_parity(wrapper: nn.Module, path: Path, config, names_in: list[str]) ->
         ref = wrapper(*args)
         got = session.run(None, {k: v.numpy() for k, v in zip(names_in, args)})
         for g, r in zip(got, ref):
-            worst_abs = max(worst_abs, float((torch.from_numpy(g) - r).abs().max()))
-            worst_rel = max(worst_rel, relative_diff(torch.from_numpy(g), r))
+            diff = max_abs_diff(torch.from_numpy(g), r)
+            worst_abs, worst_rel = max(worst_abs, diff), max(worst_rel, diff / output_scale(r))
     return worst_abs, worst_rel
