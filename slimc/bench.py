@@ -157,7 +157,7 @@ def run_bench(out: str, runtime: str = "onnxruntime", against: str | None = None
     if runtime == "vllm":
         from .bench_vllm import measure_pair
 
-        t = measure_pair(str(out_dir), against, prompts, batches, decode_steps, DECODE_CONTEXT, reps)
+        t = measure_pair(str(out_dir), against, dense, prompts, batches, decode_steps, DECODE_CONTEXT, reps)
         prefill = {seq: {k: t[k]["prefill_s"][seq] for k in t} for seq in prompts}
         decode = {b: {k: t[k]["decode_s_per_token"][b] for k in t} for b in batches}
         rows = timing_rows(cfg_d, cfg_p, prefill, decode, decode_steps)

@@ -9,7 +9,6 @@ batch B. Prefix caching is off so every prompt is computed.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -31,13 +30,11 @@ def ensure_vllm_available() -> None:
         raise SlimcError("--runtime vllm needs a CUDA GPU; none is visible here")
 
 
-def hf_dir_for(spec: str, tmp: Path) -> str:
-    """vLLM loads a directory: a built-in name or .gguf source is written once as an fp32 HF checkpoint."""
+def hf_dir_for(spec: str, loaded, tmp: Path) -> str:
+    """vLLM loads a directory: a source that is not one (built-in name, .gguf) is written once, from the
+    model run_bench already loaded, as an fp32 HF checkpoint."""
     if (Path(spec) / "config.json").is_file():
         return spec
-    from .load import load_model
-
-    loaded = load_model(spec)
     target = tmp / "dense"
     loaded.model.save_pretrained(target)
     loaded.tokenizer.save_pretrained(target)
@@ -75,20 +72,20 @@ def _measure(model: str, prompts: list[int], batches: list[int], steps: int, con
     return {"prefill_s": prefill, "decode_s_per_token": decode}
 
 
-def measure_pair(pruned: str, dense: str, prompts, batches, steps: int, context: int, reps: int,
+def measure_pair(pruned: str, dense: str, dense_loaded, prompts, batches, steps: int, context: int, reps: int,
                  rounds: int = 2, gpu_memory: float = 0.8, timeout: int = 1200) -> dict:
-    """{"dense"|"pruned": {"prefill_s": {n: s}, "decode_s_per_token": {b: s}}}, medians over rounds."""
-    ensure_vllm_available()
+    """{"dense"|"pruned": {"prefill_s": {n: s}, "decode_s_per_token": {b: s}}}, medians over rounds.
+    Callers check ensure_vllm_available() first (run_bench does, before loading any model)."""
     runs = {"dense": [], "pruned": []}
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = {"dense": hf_dir_for(dense, Path(tmp)), "pruned": pruned}
+        dirs = {"dense": hf_dir_for(dense, dense_loaded, Path(tmp)), "pruned": pruned}
         for _ in range(rounds):
             for name in ("dense", "pruned"):
                 result = Path(tmp) / f"{name}.json"
                 args = json.dumps({"model": dirs[name], "prompts": list(prompts), "batches": list(batches),
                                    "steps": steps, "context": context, "reps": reps, "gpu_memory": gpu_memory})
                 proc = subprocess.run([sys.executable, "-m", "slimc.bench_vllm", args, str(result)],
-                                      capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+                                      capture_output=True, text=True, timeout=timeout)
                 if proc.returncode or not result.is_file():
                     last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
                     raise SlimcError(f"vLLM could not serve {dirs[name]}: {last}")
