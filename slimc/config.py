@@ -14,7 +14,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 CONFIG_FORMAT = "slimc.compile-config/1"
 # Multiple that kept FFN widths are rounded to when --align-ffn is not given, per target, from measuring a
 # gated MLP over a sweep of widths on the target's runtime (benchmarks/align_sweep.py, BENCHMARKS.md):
-# torch CPU (hf) runs multiples of 8 about 8 % faster per channel at prefill; onnxruntime CPU showed no
+# torch CPU (hf) runs multiples of 8 ≈ 10 % cheaper per channel at prefill; onnxruntime CPU showed no
 # width effect at all (±1 %). vllm: not measured yet (no GPU lent); 8 follows NVIDIA's tensor-core rule
 # for 16-bit GEMMs (dimensions in multiples of 8) until a GPU sweep replaces it.
 DEFAULT_ALIGN_FFN = {"hf": 8, "onnx": 1, "vllm": 8}

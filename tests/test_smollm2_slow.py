@@ -72,8 +72,7 @@ def test_reloaded_checkpoint_matches_in_memory_model(pruned):
 
 def test_onnx_export_of_pruned_smollm2_matches_torch(pruned, tmp_path):
     """--target onnx on the real pruned model: onnxruntime logits on real text match torch (PARITY_RTOL of the
-    logit scale), and
-    greedy decoding through the ONNX KV-cache loop reproduces the torch tokens."""
+    logit scale), and greedy decoding through the ONNX KV-cache loop reproduces the torch tokens."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     import numpy as np
