@@ -256,3 +256,22 @@ def layer_config(hf_config: Any, i: int) -> Any:
     elif family == "qwen3":
         cfg.mlp_bias = False
     return cfg
+
+
+def loaded_param_shapes(model: Any) -> dict[str, Any]:
+    """The class and parameter shapes of a model vLLM has loaded. Meant for `LLM.apply_model`, which pickles the
+    function by reference into vLLM's worker: it must live in an importable module, not a script's __main__.
+
+    vLLM's CPU build repacks linear weights for its GEMM kernels after loading and leaves an empty `weight`
+    behind; such a weight is reported with its layer's logical (out, in) size per partition."""
+    params, seen = {}, set()
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:  # a tied weight is listed once, as named_parameters() does
+                continue
+            seen.add(id(p))
+            shape = list(p.shape)
+            if p.numel() == 0 and name == "weight" and hasattr(module, "output_size_per_partition"):
+                shape = [module.output_size_per_partition, module.input_size_per_partition]
+            params[f"{module_name}.{name}" if module_name else name] = shape
+    return {"class": type(model).__name__, "params": params}

