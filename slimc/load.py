@@ -76,7 +76,8 @@ def load_model(spec: str, dtype: str | None = None, device: str = "cpu", allow_s
                          f"{', '.join(SUPPORTED_FAMILIES)}")
     if config.model_type.startswith("slimc_") and not allow_slimc:
         raise SlimcError(f"{spec} is already a slimc-pruned model; prune the original model instead")
-    source_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    # older configs spell it torch_dtype; read the raw attribute, the property warns of deprecation
+    source_dtype = getattr(config, "dtype", None) or vars(config).get("torch_dtype")
     if isinstance(source_dtype, str):
         source_dtype = DTYPES.get(source_dtype, torch.float32)
     if "gguf_file" in extra or source_dtype is None:
