@@ -214,7 +214,7 @@ def _result(runtime, out_dir, against, threads, dense, pruned, rows, device: str
 
 
 def format_bench(r: dict) -> str:
-    lines = [f"{r['runtime']} ({r.get('device', 'cpu')}): {r['model']} vs {r['against']} "
+    lines = [f"{r['runtime']} ({r['device']}): {r['model']} vs {r['against']} "
              f"({r['params_pruned']:,} vs {r['params_dense']:,} params)",
              "| phase | batch | tokens | dense | pruned | speedup | FLOP-ideal | measured/ideal |",
              "|---|---|---|---|---|---|---|---|"]

