@@ -19,8 +19,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="hf", choices=["hf", "vllm", "onnx"])
     c.add_argument("--method", default="slimgpt", choices=["slimgpt", "magnitude"])
     c.add_argument("--schedule", default="log", choices=["log", "linear", "uniform"])
-    c.add_argument("--calib", default="brown", help="brown | wikitext2 | c4 | PATH to a .txt file or directory")
+    c.add_argument("--calib", default="brown",
+                   help="brown | wikitext2 | c4 | PATH to a .txt file or directory | a .jsonl of conversations")
     c.add_argument("--calib-samples", type=int, default=128)
+    c.add_argument("--chat-calib", default="auto", choices=["auto", "on", "off"],
+                   help="mix chat-formatted windows into calibration (auto: when the model has a chat template)")
+    c.add_argument("--chat-mix", type=float, default=0.5,
+                   help="chat windows per --calib-samples window, added on top (default chosen on held-out prompts)")
+    c.add_argument("--chat-data", default="both", choices=["self", "framed", "both"],
+                   help="chat windows from the dense model's own answers, from calibration text framed as "
+                        "conversations, or half each")
     c.add_argument("--seq-len", type=int, default=512)
     c.add_argument("--gqa", default="query", choices=["groups", "query"],
                    help="query: drop query heads evenly from every KV group; groups: drop whole KV groups")
@@ -40,9 +48,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="ablation: score heads by summed per-column errors")
     c.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
-    e = sub.add_parser("eval", help="perplexity of a model or a compiled output")
+    e = sub.add_parser("eval", help="perplexity and chat fidelity of a model or a compiled output")
     e.add_argument("model")
-    e.add_argument("--ppl", default="brown", help="brown | wikitext2 | c4 | PATH")
+    e.add_argument("--ppl", help="perplexity text: brown | brown-heldout | wikitext2 | c4 | PATH "
+                                 "(default: brown, unless only --chat is asked for)")
+    e.add_argument("--chat", nargs="?", const="builtin", metavar="PROMPTS.jsonl",
+                   help="chat fidelity against the dense model's greedy answers, on the built-in prompt set or "
+                        "a JSONL of conversations")
+    e.add_argument("--chat-tokens", type=int, default=128, help="longest answer generated for --chat")
+    e.add_argument("--against", help="the dense model, measured beside in the same run (default for --chat's "
+                                     "reference: the plan's source model)")
     e.add_argument("--seq-len", type=int, default=2048)
     e.add_argument("--max-tokens", type=int, default=100_000, help="score the first N tokens (0: all)")
     e.add_argument("--batch-size", type=int, default=1)
@@ -76,18 +91,12 @@ def _compile(args) -> None:
 
 
 def _eval(args) -> None:
-    from . import data
-    from .evaluate import perplexity
-    from .load import load_model
+    from .evaluate import format_eval, run_eval
 
-    if args.seq_len < 2:
-        raise SlimcError("--seq-len must be at least 2")
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, allow_slimc=True)
-    windows = data.eval_windows(loaded.tokenizer, args.ppl, args.seq_len, args.max_tokens or None)
-    r = perplexity(loaded.model, windows, args.batch_size)
-    r.update(model=args.model, text=args.ppl, seq_len=args.seq_len, windows=int(windows.shape[0]))
-    print(f"perplexity {r['ppl']:.3f} over {r['tokens']:,} tokens ({r['windows']} windows of {args.seq_len}) "
-          f"on {args.ppl}")
+    r = run_eval(args.model, ppl=args.ppl, seq_len=args.seq_len, max_tokens=args.max_tokens or None,
+                 batch_size=args.batch_size, dtype=args.dtype, device=args.device, chat=args.chat,
+                 chat_tokens=args.chat_tokens, against=args.against)
+    print(format_eval(r))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=2)

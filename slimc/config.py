@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 
+from .chat import CHAT_CALIB_MODES, CHAT_DATA
 from .errors import SlimcError
 from .plan import GQA_MODES, HEAD_ROUNDINGS, SCHEDULES
 
@@ -31,6 +32,9 @@ class CompileConfig:
     calib: str = "brown"
     calib_samples: int = 128
     seq_len: int = 512
+    chat_calib: str = "auto"  # auto: chat windows whenever the tokenizer has a chat template
+    chat_mix: float = 0.5  # chat windows per plain calibration window (added on top of --calib-samples)
+    chat_data: str = "both"  # self-generated conversations, framed calibration text, or half each
     gqa: str = "query"
     head_rounding: str = "floor"
     align_ffn: int | None = None  # None: DEFAULT_ALIGN_FFN[target]
@@ -57,6 +61,10 @@ class CompileConfig:
         one_of("gqa", self.gqa, GQA_MODES)
         one_of("head_score", self.head_score, HEAD_SCORES)
         one_of("head_rounding", self.head_rounding, HEAD_ROUNDINGS)
+        one_of("chat_calib", self.chat_calib, CHAT_CALIB_MODES)
+        one_of("chat_data", self.chat_data, CHAT_DATA)
+        if not 0 < self.chat_mix <= 4:
+            raise SlimcError(f"--chat-mix must be in (0, 4], got {self.chat_mix}")
         if self.align_ffn is None:
             self.align_ffn = DEFAULT_ALIGN_FFN[self.target]
         if self.dtype is not None:

@@ -2,6 +2,8 @@
 
 `brown` is the offline default: the Brown corpus split by file into calibration and evaluation parts that
 never overlap (the reference split of docs/assets.md, so benchmarks compare with the reference figures).
+`brown-heldout` is a third part, files 04-06 of every category but m (whose 04-06 are evaluation files), in
+neither: defaults are chosen on it.
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ import torch
 
 from .errors import SlimcError
 
-SOURCES = ("brown", "wikitext2", "c4")
+SOURCES = ("brown", "brown-heldout", "wikitext2", "c4")
 SPLITS = ("calibration", "evaluation")
+HELDOUT = "heldout"  # Brown files 04-06: for choosing defaults, never reported as the result
 BROWN_CATEGORIES = "abcdefghjklmnpr"  # 15 categories; the corpus has no i, o, q
 # evaluation = the last three files of each category, as in the reference split
 BROWN_EVAL = {
@@ -30,11 +33,15 @@ _C4_DOCS = 20_000
 
 
 def brown_files(split: str) -> list[str]:
-    """File names of a Brown split: calibration = first 3 files per category, evaluation = last 3."""
-    if split not in SPLITS:
+    """File names of a Brown split: calibration = first 3 files per category, evaluation = last 3,
+    heldout = files 04-06 where those are in neither (all categories but m)."""
+    if split not in (*SPLITS, HELDOUT):
         raise ValueError(f"unknown split {split!r}")
-    numbers = {c: (1, 2, 3) for c in BROWN_CATEGORIES} if split == "calibration" else BROWN_EVAL
-    return [f"c{c}{i:02d}" for c in BROWN_CATEGORIES for i in numbers[c]]
+    # category m has six files only: its 04-06 are evaluation files, so the held-out part has no m
+    numbers = {"calibration": {c: (1, 2, 3) for c in BROWN_CATEGORIES},
+               HELDOUT: {c: (4, 5, 6) for c in BROWN_CATEGORIES if BROWN_EVAL[c] != (4, 5, 6)},
+               "evaluation": BROWN_EVAL}[split]
+    return [f"c{c}{i:02d}" for c in BROWN_CATEGORIES if c in numbers for i in numbers[c]]
 
 
 def prepare_brown_file(raw: str) -> str:
@@ -82,13 +89,15 @@ def brown_text(split: str) -> str:
 def load_text(source: str, split: str) -> str:
     """Text of `source` ("brown", "wikitext2", "c4" or a PATH) for `split` ("calibration" or "evaluation").
 
-    A PATH (a .txt file, or a directory whose .txt files, found recursively, are read in sorted order) gives
+    `brown-heldout` gives Brown files 04-06 for both splits. A PATH (a .txt file, or a directory whose .txt files, found recursively, are read in sorted order) gives
     the same text for both splits: keep calibration and evaluation files apart yourself."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}")
     calib = split == "calibration"
     if source == "brown":
         return brown_text(split)
+    if source == "brown-heldout":
+        return brown_text(HELDOUT)
     if source == "wikitext2":
         ds = _load_hub(source, "wikitext", "wikitext-2-raw-v1", split="train" if calib else "test")
         return "\n\n".join(ds["text"])
@@ -105,7 +114,7 @@ def load_text(source: str, split: str) -> str:
             raise SlimcError(f"no .txt files in {p}")
         return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
     raise SlimcError(f"text source not found: {source} "
-                     f"(use {', '.join(SOURCES)} or a path to a .txt file or directory)")
+                     f"(use {', '.join(SOURCES)}, a path to a .txt file or directory, or a .jsonl of conversations)")
 
 
 def _load_hub(name: str, *args, **kwargs):
@@ -129,9 +138,14 @@ def _token_ids(tokenizer, source: str, split: str) -> torch.Tensor:
 
 def calibration_samples(tokenizer, source: str, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
     """[n_samples, seq_len] LongTensor: distinct non-overlapping windows of the calibration text, chosen at
-    random (seeded) and returned in text order."""
+    random (seeded) and returned in text order. A .jsonl file of conversations is rendered with the model's
+    chat template instead, in a seeded order, each window starting at a conversation."""
     if n_samples < 1 or seq_len < 1:
         raise SlimcError(f"calibration needs at least 1 sample of at least 1 token (got {n_samples} x {seq_len})")
+    from .chat import is_conversation_file
+
+    if is_conversation_file(source):
+        return _conversation_samples(tokenizer, source, n_samples, seq_len, seed)
     ids = _token_ids(tokenizer, source, "calibration")
     n_windows = ids.numel() // seq_len
     if n_windows < n_samples:
@@ -142,6 +156,20 @@ def calibration_samples(tokenizer, source: str, n_samples: int, seq_len: int, se
     windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
     pick = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed))[:n_samples]
     return windows[pick.sort().values]
+
+
+def _conversation_samples(tokenizer, source: str, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    import random
+
+    from .chat import pack_windows, read_conversations
+
+    conversations = read_conversations(source)
+    random.Random(seed).shuffle(conversations)
+    windows = pack_windows(tokenizer, conversations, seq_len, n_samples)
+    if windows.shape[0] < n_samples:
+        raise SlimcError(f"{source}: its conversations fill {windows.shape[0]} windows of {seq_len} tokens, "
+                         f"{n_samples} needed: use fewer --calib-samples, a shorter --seq-len, or more conversations")
+    return windows
 
 
 def eval_windows(tokenizer, source: str, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:

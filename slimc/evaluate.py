@@ -23,3 +23,84 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
         total_tokens += ids[:, 1:].numel()
     mean = total_nll / total_tokens
     return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens}
+
+
+def _source_model(spec: str) -> str | None:
+    """The source model named in a slimc output's plan, if `spec` is one."""
+    import json
+    from pathlib import Path
+
+    plan = Path(spec).expanduser() / "slimc_plan.json"
+    return json.loads(plan.read_text()).get("source_model") if plan.is_file() else None
+
+
+def run_eval(model: str, ppl: str | None = None, seq_len: int = 2048, max_tokens: int | None = 100_000,
+             batch_size: int = 1, dtype: str | None = None, device: str = "cpu", chat: str | None = None,
+             chat_tokens: int = 128, against: str | None = None) -> dict:
+    """`slimc eval`: perplexity (unless only --chat was asked for) and chat fidelity, for `model` and, with
+    `against`, for the dense model beside it in the same run."""
+    from . import chat as chat_mod, data
+    from .bench import model_fingerprint
+    from .errors import SlimcError
+    from .load import load_model
+
+    if seq_len < 2:
+        raise SlimcError("--seq-len must be at least 2")
+    if chat_tokens < 1:
+        raise SlimcError("--chat-tokens must be a positive integer")
+    do_ppl = ppl is not None or chat is None
+    ppl = ppl or "brown"
+    prompts = None
+    if chat:  # read the prompts before minutes of loading: a bad file fails at once
+        convs = chat_mod.builtin_prompts("eval") if chat == "builtin" else chat_mod.read_conversations(chat)
+        prompts = chat_mod.prompts_of(convs)
+    loaded = load_model(model, dtype=dtype, device=device, allow_slimc=True)
+    if chat and not chat_mod.has_chat_template(loaded.tokenizer):
+        raise SlimcError(f"--chat: {model} has no chat template")
+    reference_spec = against or (_source_model(model) if chat else None)
+    dense = None
+    if reference_spec:
+        dense = load_model(reference_spec, dtype=dtype, device=device, allow_slimc=True)
+    result: dict = {"model": model}
+    if do_ppl:
+        windows = data.eval_windows(loaded.tokenizer, ppl, seq_len, max_tokens)
+        result.update(perplexity(loaded.model, windows, batch_size))
+        result.update(text=ppl, seq_len=seq_len, windows=int(windows.shape[0]))
+        if against:
+            result["against"] = {"model": against, **perplexity(dense.model, windows, batch_size)}
+    if chat:
+        ref = dense or loaded  # a model with no plan and no --against is its own reference
+        reference = chat_mod.reference_answers(ref.model, ref.tokenizer, prompts, chat_tokens,
+                                               model_fingerprint(ref.model))
+        result["chat"] = chat_mod.chat_fidelity(loaded.model, loaded.tokenizer, prompts, reference, chat_tokens,
+                                                answers=reference if dense is None else None)
+        result["chat"].update(prompt_set=chat, reference_model=reference_spec or model, max_new_tokens=chat_tokens)
+        if against:
+            result.setdefault("against", {"model": against})["chat"] = chat_mod.chat_fidelity(
+                dense.model, dense.tokenizer, prompts, reference, chat_tokens, answers=reference)
+    return result
+
+
+def format_eval(r: dict) -> str:
+    lines = []
+    dense = r.get("against", {})
+    if "ppl" in r:
+        lines.append(f"perplexity {r['ppl']:.3f} over {r['tokens']:,} tokens ({r['windows']} windows of {r['seq_len']}) "
+                     f"on {r['text']}")
+        if "ppl" in dense:
+            lines.append(f"dense {dense['model']}: perplexity {dense['ppl']:.3f} (model / dense = "
+                         f"{r['ppl'] / dense['ppl']:.3f})")
+    c = r.get("chat")
+    if c:
+        d = dense.get("chat")
+        which = "built-in eval set" if c["prompt_set"] == "builtin" else c["prompt_set"]
+        lines.append(f"chat fidelity on {c['prompts']} prompts ({which}), greedy answers of at most "
+                     f"{c['max_new_tokens']} tokens; reference: the greedy answers of {c['reference_model']}")
+        lines.append(f"  {'':42} {'model':>8}" + (f" {'dense':>8}" if d else ""))
+        rows = [("NLL of the reference answers (nats/token)", "nll", "{:8.3f}"),
+                ("answered (>= 3 words, no system-prompt echo)", "answered", "{:8.1%}"),
+                ("agreement with the reference (ROUGE-L F1)", "agreement", "{:8.3f}")]
+        for label, key, fmt in rows:
+            lines.append(f"  {label:42} " + fmt.format(c[key]) + (" " + fmt.format(d[key]) if d else ""))
+        lines.append(f"  ({c['reference_tokens']:,} reference tokens)")
+    return "\n".join(lines)

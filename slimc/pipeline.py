@@ -159,7 +159,7 @@ def _staging_dir(output: Path, overwrite: bool):
 
 
 def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult:
-    from . import data, report as report_mod
+    from . import chat, data, report as report_mod
     from .exporters.hf import PLAN_FILE, write_hf
 
     output = Path(cfg.output)
@@ -183,6 +183,14 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
     with timer.stage("calibration data"):
         n = cfg.calib_samples if need_calib else 1
         samples = data.calibration_samples(loaded.tokenizer, cfg.calib, n, cfg.seq_len, cfg.seed)
+        chat_mix = None
+        if need_calib and chat.chat_calibration_enabled(cfg.chat_calib, loaded.tokenizer):
+            from .bench import model_fingerprint
+
+            chat_windows, chat_mix = chat.calibration_windows(
+                model, loaded.tokenizer, cfg.calib, cfg.calib_samples, cfg.seq_len, cfg.seed, cfg.chat_mix,
+                cfg.chat_data, model_fingerprint(model))
+            samples = torch.cat([samples, chat_windows])
         inputs = catch_block_inputs(model, samples, device="cpu")
     with timer.stage("capture"):
         structures = capture_structures(layers, inputs)
@@ -205,6 +213,8 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
             plan = solve_plan(shapes, cfg.sparsity, cfg.schedule, cfg.gqa, cfg.align_ffn, cfg.tp, cfg.head_rounding)
         plan.source_model, plan.method, plan.seed, plan.slimc_version = cfg.model, cfg.method, cfg.seed, __version__
         plan.calibration = {"source": cfg.calib, "samples": cfg.calib_samples, "seq_len": cfg.seq_len}
+        if chat_mix:
+            plan.calibration["chat"] = chat_mix
     if cfg.plan_only:
         with _staging_dir(output, cfg.overwrite) as tmp:
             (tmp / PLAN_FILE).write_text(plan.to_json())
@@ -222,8 +232,9 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
     params_after = sum(p.numel() for p in slim.parameters())
     with timer.stage("sample"):
         sample = report_mod.greedy_sample(slim, loaded.tokenizer)
+        chat_probe = chat.probe(slim, loaded.tokenizer) if chat.has_chat_template(loaded.tokenizer) else None
     timer.seconds["total"] = time.perf_counter() - t_start
-    report = report_mod.build_report(cfg, plan, rows, params_before, params_after, timer.seconds, sample)
+    report = report_mod.build_report(cfg, plan, rows, params_before, params_after, timer.seconds, sample, chat_probe)
     with _staging_dir(output, cfg.overwrite) as tmp:
         if cfg.target == "vllm":
             from .exporters.vllm import write_vllm

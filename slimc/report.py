@@ -1,4 +1,5 @@
-"""The compile report: per-layer table, parameter counts, stage times, a greedy sample; JSON + PNG."""
+"""The compile report: per-layer table, parameter counts, stage times, greedy samples (plain text and, for a
+model with a chat template, a chat turn with the probe's answered share); JSON + PNG + a model card."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .chat import PROBE_MIN_ANSWERED, describe_mix
 from .plan import PruningPlan
 
 SAMPLE_PROMPT = "The history of the city begins"
@@ -20,7 +22,7 @@ def greedy_sample(model, tokenizer, prompt: str = SAMPLE_PROMPT, new_tokens: int
 
 
 def build_report(cfg, plan: PruningPlan, rows: list[dict], params_before: int, params_after: int,
-                 seconds: dict, sample: str) -> dict:
+                 seconds: dict, sample: str, chat_probe: dict | None = None) -> dict:
     return {
         "config": cfg.to_dict(),
         "plan": plan.to_dict(),
@@ -33,7 +35,18 @@ def build_report(cfg, plan: PruningPlan, rows: list[dict], params_before: int, p
         },
         "seconds": seconds,
         "sample": sample,
+        "chat_probe": chat_probe,
     }
+
+
+def chat_warning(r: dict) -> str | None:
+    probe = r.get("chat_probe")
+    if probe and probe["answered"] < PROBE_MIN_ANSWERED:
+        n = probe["prompts"]
+        return (f"warning: the pruned model answers only {round(probe['answered'] * n)} of {n} built-in chat probe "
+                f"prompts (dense instruct models answer all): try a lower --sparsity or calibrate on text in the "
+                f"format you serve (README: pruning an instruct model)")
+    return None
 
 
 def format_plan(plan: PruningPlan) -> str:
@@ -56,15 +69,73 @@ def format_report(r: dict) -> str:
         f"decoder-block params: {p['blocks_before']:,} -> {p['blocks_after']:,} "
         f"({p['blocks_reduction']:.2%} removed; target {r['plan']['sparsity']:.1%})",
         f"whole-model params:   {p['model_before']:,} -> {p['model_after']:,} ({p['model_reduction']:.2%} removed)",
+        describe_mix(r["plan"].get("calibration", {})),
         "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["seconds"].items()),
         f"sample: {r['sample']!r}",
     ]
+    probe = r.get("chat_probe")
+    if probe:
+        lines.append(f"chat sample: {probe['sample']['prompt']!r} -> {probe['sample']['answer']!r}")
+        lines.append(f"chat probe: answered {probe['answered']:.0%} of {probe['prompts']} built-in prompts")
+    warning = chat_warning(r)
+    if warning:
+        lines.append(warning)
     return "\n".join(lines)
 
 
 def write_report(r: dict, out_dir: Path) -> None:
     (out_dir / "report.json").write_text(json.dumps(r, indent=2))
+    (out_dir / "README.md").write_text(model_card(r))
     plot_widths(r, out_dir / "widths.png")
+
+
+def model_card(r: dict) -> str:
+    """OUT/README.md: what this checkpoint is, how it was made, what was measured at compile time, how to use it."""
+    plan, p, cfg = r["plan"], r["params"], r["config"]
+    probe = r.get("chat_probe")
+    lines = [
+        f"# {plan['source_model']}, pruned by slimc ({plan['achieved_sparsity']:.0%} of decoder-block parameters)",
+        "",
+        f"- source: `{plan['source_model']}`",
+        f"- method: {plan['method']}, {plan['schedule']} schedule, gqa={plan['gqa']}, target {plan['sparsity']:.0%}, "
+        f"achieved {plan['achieved_sparsity']:.2%} of decoder-block parameters",
+        f"- parameters: {p['model_before']:,} -> {p['model_after']:,} ({p['model_reduction']:.1%} fewer in the whole model)",
+        f"- {describe_mix(plan.get('calibration', {}))}",
+        f"- target runtime: {cfg['target']}; slimc {plan.get('slimc_version', '')}, seed {plan.get('seed', 0)}",
+        "",
+        "## Measured at compile time",
+        "",
+        f"- mean relative output error of a block against its dense self on the calibration windows: "
+        f"{sum(row['rel_error'] for row in r['layers']) / max(len(r['layers']), 1):.4f}",
+        f"- plain-text sample: {r['sample']!r}",
+    ]
+    if probe:
+        lines += [f"- chat probe: answered {probe['answered']:.0%} of {probe['prompts']} built-in prompts",
+                  f"- chat sample: {probe['sample']['prompt']!r} -> {probe['sample']['answer']!r}"]
+    warning = chat_warning(r)
+    if warning:
+        lines += ["", f"**{warning}**"]
+    lines += [
+        "",
+        "Perplexity and chat fidelity against the dense model: `slimc eval DIR --against SOURCE` and "
+        "`slimc eval DIR --chat`.",
+        "",
+        "## Use",
+        "",
+        "(`DIR`: this directory.)",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("DIR", trust_remote_code=True)  # per-layer widths: modeling_slimc.py',
+        'tokenizer = AutoTokenizer.from_pretrained("DIR")',
+        "```",
+        "",
+        "vLLM, with slimc installed (its `vllm.general_plugins` entry point registers the architecture): "
+        "`vllm serve DIR` or `python -m vllm.entrypoints.openai.api_server --model DIR`.",
+        "Per-layer widths are in `config.json` and `slimc_plan.json`; the compile report in `report.json`.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def plot_widths(r: dict, path: Path) -> None:

@@ -28,18 +28,33 @@ def tiny_model(family="llama", seed=0, **overrides):
     return model
 
 
-def save_tiny_dir(d, family="llama", **overrides):
-    """A tiny model saved as a local HF directory with a real (character-level) tokenizer file; returns d.
-    Vocabulary: 44 specials then printable ASCII, so vocab_size must be >= 139."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+# A chat template in the style of instruct models: a default system prompt, role markers, an end-of-turn marker.
+TINY_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|system|>You are a tiny helpful test model made by slimc<|end|>"
+    "{% endif %}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def char_tokenizer(chat_template=None):
+    """A real (character-level) fast tokenizer: 44 specials then printable ASCII (vocab_size >= 139); eos <1>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tiny_model(family, **overrides).save_pretrained(d)
     vocab = {f"<{i}>": i for i in range(44)}
     vocab.update({chr(c): 44 + i for i, c in enumerate(range(32, 127))})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<0>", eos_token="<1>").save_pretrained(d)
+    tok.decoder = decoders.Fuse()  # characters back into text, no spaces between them
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<0>", eos_token="<1>")
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+def save_tiny_dir(d, family="llama", chat_template=None, **overrides):
+    """A tiny model saved as a local HF directory with a real (character-level) tokenizer file; returns d."""
+    tiny_model(family, **overrides).save_pretrained(d)
+    char_tokenizer(chat_template).save_pretrained(d)
     return d
 
 

@@ -37,6 +37,8 @@ def test_doubled_punctuation_collapsed_and_paragraphs_kept():
 def test_brown_split_matches_reference():
     cal, ev = data.brown_files("calibration"), data.brown_files("evaluation")
     assert len(cal) == len(ev) == 45 and not set(cal) & set(ev)
+    held = data.brown_files("heldout")  # where defaults are chosen: in neither of the other two
+    assert held == [f"c{c}0{i}" for c in "abcdefghjklnpr" for i in (4, 5, 6)] and not set(held) & (set(cal) | set(ev))
     assert cal == [f"c{c}0{i}" for c in "abcdefghjklmnpr" for i in (1, 2, 3)]
     # docs/assets.md, written out: ca42-44, cb25-27, cc15-17, ... cr07-09
     ranges = "a42 b25 c15 d15 e34 f46 g73 h28 j78 k27 l22 m04 n27 p27 r07".split()
@@ -93,7 +95,7 @@ def test_path_sources(tmp_path):
 
 
 def test_unknown_source_lists_accepted_values():
-    with pytest.raises(SlimcError, match="brown, wikitext2, c4 or a path"):
+    with pytest.raises(SlimcError, match="brown, brown-heldout, wikitext2, c4, a path .* or a .jsonl of conversations"):
         data.load_text("wikitext-103", "calibration")
 
 
