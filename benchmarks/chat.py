@@ -10,8 +10,9 @@ dense model's greedy answers (NLL of the dense answers, share answered, ROUGE-L 
     # reporting: Brown evaluation split and the built-in eval prompts
     python benchmarks/chat.py --out bench-out/chat --rows dense,plain-0.2,chat-0.2,plain-0.3,chat-0.3,plain-0.5,chat-0.5
 
-Row names: `dense`, or KIND-RATIO[-mixM] with KIND one of plain (`--chat-calib off`), chat (the defaults),
-self / framed / both (`--chat-data KIND`), e.g. `self-0.3-mix1.0`.
+Row names: `dense`, or KIND-RATIO[-OPTION...] with KIND one of plain (`--chat-calib off`), chat (the defaults),
+self / framed / both (`--chat-data KIND`); options mixM (`--chat-mix M`), rec (`--reconstruct`), lrX
+(`--reconstruct-lr X`), epN (`--reconstruct-epochs N`); e.g. `self-0.3-mix1.0`, `both-0.3-rec-lr3e-4`.
 """
 from __future__ import annotations
 
@@ -40,6 +41,14 @@ def compile_args(name: str) -> list[str]:
     for r in rest:
         if r.startswith("mix"):
             args += ["--chat-mix", r[3:]]
+        elif r == "rec":
+            args += ["--reconstruct"]
+        elif r.startswith("lr"):
+            args += ["--reconstruct-lr", r[2:]]
+        elif r.startswith("ep"):
+            args += ["--reconstruct-epochs", r[2:]]
+        else:
+            raise SystemExit(f"unknown row option {r!r}")
     return args
 
 
@@ -56,6 +65,8 @@ def main() -> None:
     p.add_argument("--prompts", default="eval", choices=sorted(PROMPT_SETS))
     p.add_argument("--chat-tokens", type=int, default=128)
     p.add_argument("--results", help="results file (default: OUT/results-PPL-PROMPTS.json)")
+    p.add_argument("--rescore", action="store_true",
+                   help="recompute 'answered' of the stored answers with the current rule, then print the table")
     args = p.parse_args()
 
     from slimc.evaluate import run_eval
@@ -64,6 +75,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results_path = Path(args.results or out / f"results-{args.ppl}-{args.prompts}.json")
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if args.rescore:
+        rescore(results, args.model)
+        results_path.write_text(json.dumps(results, indent=2))
+        print(markdown(results))
+        return
     common = ["--calib-samples", str(args.calib_samples), *args.extra.split()]
     for name in args.rows.split(","):
         if name in results:
@@ -85,6 +101,19 @@ def main() -> None:
         results[name] = row
         results_path.write_text(json.dumps(results, indent=2))
     print(markdown(results))
+
+
+def rescore(results: dict, model: str) -> None:
+    """'answered' depends only on the answer text and the prompt's template: re-judge stored answers."""
+    from slimc import chat
+    from slimc.load import load_model
+
+    tokenizer = load_model(model).tokenizer
+    for row in results.values():
+        c = row["eval"]["chat"]
+        for a in c["answers"]:
+            a["answered"] = chat.is_answer(a["answer"], chat.echo_grams(tokenizer, [{"role": "user", "content": a["prompt"]}]))
+        c["answered"] = sum(a["answered"] for a in c["answers"]) / len(c["answers"])
 
 
 def markdown(results: dict) -> str:

@@ -43,7 +43,9 @@ SELF_GEN_TOKENS = 192  # longest self-generated answer
 EVAL_TOKENS = 128  # longest answer when measuring fidelity
 PROBE_TOKENS = 64
 MIN_ANSWER_WORDS = 3
-ECHO_WORDS = 5  # an answer sharing this many consecutive words with the template's system text echoes it
+# an answer sharing this many consecutive words with the template's own text echoes it: 4 catches the
+# paraphrased echoes seen on pruned SmolLM2 ("You're a helpful AI assistant, trained by Hugging Face")
+ECHO_WORDS = 4
 PROBE_MIN_ANSWERED = 0.75
 
 Conversation = list  # [{"role": ..., "content": ...}, ...]
@@ -280,19 +282,19 @@ def calibration_windows(model, tokenizer, source: str, n_plain: int, seq_len: in
 
     n_chat = round(mix * n_plain)
     text = None if is_conversation_file(source) else load_text(source, "calibration")
-    want_self = {"self": n_chat, "framed": 0, "both": (n_chat + 1) // 2}[kind]
-    parts, info = [], {"windows": 0, "seq_len": seq_len, "kind": kind, "mix": mix}
-    if want_self:
-        convs = self_generated_conversations(model, tokenizer, text, seed, model_key)
-        w = pack_windows(tokenizer, convs, seq_len, want_self)
-        parts.append(w)
-        info["self_generated"] = {"conversations": len(convs), "windows": int(w.shape[0])}
     framed = framed_conversations(text, seed) if text else []
-    w = pack_windows(tokenizer, framed, seq_len, n_chat - sum(int(p.shape[0]) for p in parts))
-    if w.shape[0]:
-        parts.append(w)
-        info["framed"] = {"source": source, "windows": int(w.shape[0])}
-    windows = torch.cat(parts) if parts else torch.empty(0, seq_len, dtype=torch.long)
+    want_self = {"self": n_chat, "framed": 0, "both": (n_chat + 1) // 2}[kind]
+    if not framed:
+        want_self = n_chat  # nothing to frame (a conversation file as --calib): all self-generated
+    own = self_generated_conversations(model, tokenizer, text, seed, model_key) if want_self else []
+    w_self = pack_windows(tokenizer, own, seq_len, want_self)
+    w_framed = pack_windows(tokenizer, framed, seq_len, n_chat - w_self.shape[0])
+    info = {"windows": 0, "seq_len": seq_len, "kind": kind, "mix": mix}
+    if own:
+        info["self_generated"] = {"conversations": len(own), "windows": int(w_self.shape[0])}
+    if w_framed.shape[0]:
+        info["framed"] = {"source": source, "windows": int(w_framed.shape[0])}
+    windows = torch.cat([w_self, w_framed])
     info["windows"] = int(windows.shape[0])
     return windows, info
 

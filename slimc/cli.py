@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-compensate", dest="compensate", action="store_false", help="ablation: no OBS weight update")
     c.add_argument("--head-score", default="grouped", choices=["grouped", "column"],
                    help="ablation: score heads by summed per-column errors")
+    c.add_argument("--reconstruct", action="store_true",
+                   help="after pruning a block, fit its kept weights to the dense block's outputs (Adam)")
+    c.add_argument("--reconstruct-epochs", type=int, default=2, help="passes over the calibration windows")
+    c.add_argument("--reconstruct-lr", type=float, default=1e-4)
     c.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
     e = sub.add_parser("eval", help="perplexity and chat fidelity of a model or a compiled output")

@@ -35,6 +35,9 @@ class CompileConfig:
     chat_calib: str = "auto"  # auto: chat windows whenever the tokenizer has a chat template
     chat_mix: float = 0.5  # chat windows per plain calibration window (added on top of --calib-samples)
     chat_data: str = "both"  # self-generated conversations, framed calibration text, or half each
+    reconstruct: bool = False  # fit each pruned block's kept weights to the dense block's outputs
+    reconstruct_epochs: int = 2
+    reconstruct_lr: float = 1e-4
     gqa: str = "query"
     head_rounding: str = "floor"
     align_ffn: int | None = None  # None: DEFAULT_ALIGN_FFN[target]
@@ -71,7 +74,9 @@ class CompileConfig:
             one_of("dtype", self.dtype, DTYPE_NAMES)
         if not 0 < self.sparsity <= 0.9:
             raise SlimcError(f"--sparsity must be in (0, 0.9], got {self.sparsity}")
-        for name in ("calib_samples", "seq_len", "align_ffn", "tp", "batch_size"):
+        if not self.reconstruct_lr > 0:
+            raise SlimcError(f"--reconstruct-lr must be positive, got {self.reconstruct_lr}")
+        for name in ("calib_samples", "seq_len", "align_ffn", "tp", "batch_size", "reconstruct_epochs"):
             if getattr(self, name) < 1:
                 raise SlimcError(f"--{name.replace('_', '-')} must be a positive integer")
         if not self.device.startswith(("cpu", "cuda")):

@@ -16,12 +16,13 @@ from .passes import MaterializeChannels, MaterializeHeads, PruneChannels, PruneH
 from .passes.prune_heads import head_widths
 
 from . import __version__
-from .calibrate import to_device, catch_block_inputs, collect_hessians, decoder_layers, run_block
+from .calibrate import BlockInputs, to_device, catch_block_inputs, collect_hessians, decoder_layers, run_block
 from .capture import BlockStructure, capture_block
 from .config import CompileConfig
 from .errors import SlimcError
 from .load import DTYPES, LoadedModel, load_model
 from .plan import BlockShape, LayerPlan, PruningPlan, solve_plan
+from .reconstruct import reconstruct_block
 
 
 @dataclass
@@ -98,10 +99,16 @@ def prune_blocks(loaded: LoadedModel, structures: list[BlockStructure], plan: Pr
     head_pass = PruneHeads(cfg.method, cfg.gqa, cfg.head_score, cfg.compensate, cfg.percdamp)
     channel_pass = PruneChannels(cfg.method, cfg.compensate, cfg.percdamp)
     rows = []
+    # local reconstruction fits each pruned block to the dense model's outputs, so the dense stream is kept too
+    dense_stream = inputs.hidden if cfg.reconstruct else None
     for i in (bar := tqdm(range(len(layers)), desc="calibrate+prune", unit="block")):
         block, s, target = layers[i].to(device), structures[i], plan.layers[i]
         with timer.stage("calibrate"), collect_hessians(block, [s.attention.o] if slimgpt else []) as acc:
             dense_out = run_block(block, inputs, cfg.batch_size, device)
+        if cfg.reconstruct:
+            with timer.stage("reconstruct"):
+                dense_target = dense_out if dense_stream is inputs.hidden else run_block(
+                    block, BlockInputs(dense_stream, inputs.kwargs), cfg.batch_size, device)
         with timer.stage("prune"):
             heads = head_pass(block, s, num_heads=target.num_attention_heads, num_kv_heads=target.num_key_value_heads,
                               hessian=acc[s.attention.o].H if slimgpt else None)
@@ -114,6 +121,12 @@ def prune_blocks(loaded: LoadedModel, structures: list[BlockStructure], plan: Pr
         with timer.stage("prune"):
             channels = channel_pass(block, s, width=target.intermediate_size, hessian=down_h)
             MaterializeChannels()(block, s, result=channels)
+        fit = None
+        if cfg.reconstruct:
+            with timer.stage("reconstruct"):
+                fit = reconstruct_block(block, inputs, dense_target, cfg.reconstruct_epochs, cfg.reconstruct_lr,
+                                        cfg.batch_size, device, cfg.seed)
+            dense_stream = dense_target
         with timer.stage("calibrate"):
             out = run_block(block, inputs, cfg.batch_size, device)
         err = float((out - dense_out).pow(2).sum() / dense_out.pow(2).sum().clamp_min(1e-12))
@@ -122,6 +135,8 @@ def prune_blocks(loaded: LoadedModel, structures: list[BlockStructure], plan: Pr
                      "target_ratio": target.target_ratio, "ratio": target.ratio, "rel_error": err,
                      "attn_obs_error": heads.error, "ffn_obs_error": channels.error,
                      "dense_heads": s.attention.num_heads, "dense_ffn": s.mlp.intermediate_size})
+        if fit:
+            rows[-1]["reconstruct"] = {"error_before": fit.before, "error_after": fit.after, "kept": fit.kept}
         bar.set_postfix(heads=q, ffn=rows[-1]["ffn"], err=f"{err:.3g}")
         inputs.hidden = out
         layers[i] = block.to("cpu") if device.type != "cpu" else block

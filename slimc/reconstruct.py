@@ -1,0 +1,82 @@
+"""Local reconstruction of a pruned block: a few passes of Adam on its kept linear weights so that its outputs
+on the pruned stream match the dense model's block outputs on the dense stream.
+
+OBS compensates only the columns of o_proj / down_proj that survive; the rows of q/k/v and gate/up are simply
+deleted, and the error carried in from earlier pruned blocks is never corrected. Fitting every kept linear of
+the block to the dense model's own outputs adjusts both. A slice of the calibration windows is held out: if
+the fit does not lower the error there too, the block keeps its OBS weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .calibrate import BlockInputs
+
+HOLDOUT_EVERY = 8  # every 8th calibration window judges the fit instead of feeding it
+
+
+@dataclass
+class ReconstructResult:
+    before: float  # relative squared error against the dense outputs on the held-out windows
+    after: float
+    kept: bool  # False: the fit did not help on the held-out windows and was undone
+
+
+def _block_out(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    y = block(x, **kwargs)
+    return y[0] if isinstance(y, tuple) else y
+
+
+@torch.no_grad()
+def _relative_error(block, inputs: BlockInputs, targets: torch.Tensor, idx: torch.Tensor, batch_size: int, device) -> float:
+    err = ref = 0.0
+    for s in range(0, len(idx), batch_size):
+        b = idx[s : s + batch_size]
+        y = targets[b].to(device)
+        err += float((_block_out(block, inputs.hidden[b].to(device), inputs.kwargs) - y).pow(2).sum())
+        ref += float(y.pow(2).sum())
+    return err / max(ref, 1e-30)
+
+
+def reconstruct_block(block: nn.Module, inputs: BlockInputs, targets: torch.Tensor, epochs: int, lr: float,
+                      batch_size: int, device, seed: int = 0) -> ReconstructResult:
+    """Fit the block's 2-D (linear) weights so block(inputs) ≈ targets; norms and biases stay as they are."""
+    n = inputs.hidden.shape[0]
+    held = torch.arange(n)[torch.arange(n) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+    train = torch.arange(n)[torch.arange(n) % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
+    if len(held) == 0:  # too few windows to judge: fit on all, judge on all
+        held = train
+    weights = [p for p in block.parameters() if p.dim() == 2]
+    saved = [w.detach().clone() for w in weights]
+    frozen = {p: p.requires_grad for p in block.parameters()}
+    for p in block.parameters():
+        p.requires_grad_(p.dim() == 2)
+    before = _relative_error(block, inputs, targets, held, batch_size, device)
+    opt = torch.optim.Adam(weights, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        with torch.enable_grad():
+            for _ in range(epochs):
+                order = train[torch.randperm(len(train), generator=gen)]
+                for s in range(0, len(order), batch_size):
+                    b = order[s : s + batch_size]
+                    y = targets[b].to(device)
+                    out = _block_out(block, inputs.hidden[b].to(device), inputs.kwargs)
+                    # relative to the target's energy, so one lr fits every block's scale
+                    loss = F.mse_loss(out, y) / y.pow(2).mean().clamp_min(1e-30)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+    after = _relative_error(block, inputs, targets, held, batch_size, device)
+    if not after < before:
+        with torch.no_grad():
+            for w, s in zip(weights, saved):
+                w.copy_(s)
+    return ReconstructResult(before, min(after, before), after < before)
