@@ -12,7 +12,7 @@ dense model's greedy answers (NLL of the dense answers, share answered, ROUGE-L 
 
 Row names: `dense`, or KIND-RATIO[-OPTION...] with KIND one of plain (`--chat-calib off`), chat (the defaults),
 self / framed / both (`--chat-data KIND`); options mixM (`--chat-mix M`), rec (`--reconstruct`), lrX
-(`--reconstruct-lr X`), epN (`--reconstruct-epochs N`); e.g. `self-0.3-mix1.0`, `both-0.3-rec-lr3e-4`.
+(`--reconstruct-lr X`), epN (`--reconstruct-epochs N`), kdN (`--distill-epochs N`), klrX (`--distill-lr X`); e.g. `self-0.3-mix1.0`, `both-0.3-rec-lr3e-4`.
 """
 from __future__ import annotations
 
@@ -45,6 +45,10 @@ def compile_args(name: str) -> list[str]:
             args += ["--reconstruct"]
         elif r.startswith("lr"):
             args += ["--reconstruct-lr", r[2:]]
+        elif r.startswith("kd"):
+            args += ["--distill-epochs", r[2:]]
+        elif r.startswith("klr"):
+            args += ["--distill-lr", r[3:]]
         elif r.startswith("ep"):
             args += ["--reconstruct-epochs", r[2:]]
         else:

@@ -42,7 +42,7 @@ SELF_GEN_DERIVED = 48  # instructions derived from the calibration text, on top 
 SELF_GEN_TOKENS = 192  # longest self-generated answer
 EVAL_TOKENS = 128  # longest answer when measuring fidelity
 PROBE_TOKENS = 64
-MIN_ANSWER_WORDS = 3
+MIN_ANSWER_WORDS = 3  # distinct words
 # an answer sharing this many consecutive words with the template's own text echoes it: 4 catches the
 # paraphrased echoes seen on pruned SmolLM2 ("You're a helpful AI assistant, trained by Hugging Face")
 ECHO_WORDS = 4
@@ -340,9 +340,10 @@ def _grams(ws: list[str], n: int) -> set[tuple]:
 
 
 def is_answer(answer: str, template_grams: set[tuple]) -> bool:
-    """At least a few words, none of the template's own word runs (see echo_grams) among them."""
+    """At least a few distinct words (a degenerate "The The The ..." is no answer), none of the template's own
+    word runs (see echo_grams) among them."""
     a = words(answer)
-    if len(a) < MIN_ANSWER_WORDS:
+    if len(set(a)) < MIN_ANSWER_WORDS:
         return False
     lengths = {len(g) for g in template_grams}
     return not any(tuple(a[i : i + k]) in template_grams for k in lengths for i in range(len(a) - k + 1))

@@ -38,6 +38,8 @@ class CompileConfig:
     reconstruct: bool = False  # fit each pruned block's kept weights to the dense block's outputs
     reconstruct_epochs: int = 2
     reconstruct_lr: float = 1e-4
+    distill_epochs: int = 0  # 0: off; else passes of whole-model distillation from the dense model after pruning
+    distill_lr: float = 2e-5
     gqa: str = "query"
     head_rounding: str = "floor"
     align_ffn: int | None = None  # None: DEFAULT_ALIGN_FFN[target]
@@ -74,6 +76,8 @@ class CompileConfig:
             one_of("dtype", self.dtype, DTYPE_NAMES)
         if not 0 < self.sparsity <= 0.9:
             raise SlimcError(f"--sparsity must be in (0, 0.9], got {self.sparsity}")
+        if self.distill_epochs < 0 or not self.distill_lr > 0:
+            raise SlimcError("--distill-epochs must be >= 0 and --distill-lr positive")
         if not self.reconstruct_lr > 0:
             raise SlimcError(f"--reconstruct-lr must be positive, got {self.reconstruct_lr}")
         for name in ("calib_samples", "seq_len", "align_ffn", "tp", "batch_size", "reconstruct_epochs"):

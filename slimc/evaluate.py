@@ -98,7 +98,7 @@ def format_eval(r: dict) -> str:
                      f"{c['max_new_tokens']} tokens; reference: the greedy answers of {c['reference_model']}")
         lines.append(f"  {'':42} {'model':>8}" + (f" {'dense':>8}" if d else ""))
         rows = [("NLL of the reference answers (nats/token)", "nll", "{:8.3f}"),
-                ("answered (>= 3 words, no system-prompt echo)", "answered", "{:8.1%}"),
+                ("answered (>= 3 distinct words, no template echo)", "answered", "{:8.1%}"),
                 ("agreement with the reference (ROUGE-L F1)", "agreement", "{:8.3f}")]
         for label, key, fmt in rows:
             lines.append(f"  {label:42} " + fmt.format(c[key]) + (" " + fmt.format(d[key]) if d else ""))

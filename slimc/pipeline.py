@@ -239,6 +239,14 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
     params_before = sum(p.numel() for p in model.parameters())
     rows = prune_blocks(loaded, structures, plan, inputs, cfg, timer)
     del inputs
+    distilled = None
+    if cfg.distill_epochs:
+        from .distill import distill
+
+        with timer.stage("distill"):
+            teacher = load_model(cfg.model, dtype="float32").model
+            distilled = distill(model, teacher, samples, cfg.distill_epochs, cfg.distill_lr, seed=cfg.seed).__dict__
+            del teacher
     with timer.stage("materialize"):
         from .materialize import build_slim_model
 
@@ -250,6 +258,8 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
         chat_probe = chat.probe(slim, loaded.tokenizer) if chat.has_chat_template(loaded.tokenizer) else None
     timer.seconds["total"] = time.perf_counter() - t_start
     report = report_mod.build_report(cfg, plan, rows, params_before, params_after, timer.seconds, sample, chat_probe)
+    if distilled:
+        report["distill"] = distilled
     with _staging_dir(output, cfg.overwrite) as tmp:
         if cfg.target == "vllm":
             from .exporters.vllm import write_vllm

@@ -162,6 +162,7 @@ def test_echo_of_the_system_prompt_is_not_an_answer(tok):
     runs = chat.echo_grams(tok, prompt)
     assert not chat.is_answer("You are a tiny helpful test model made by slimc.", runs)
     assert not chat.is_answer("Yes.", runs)  # too short
+    assert not chat.is_answer("The\n\nThe\n\nThe\n\nThe plant plant plant", runs)  # degenerate: two distinct words
     # repeating the user's own words is fine: only the template's text counts as an echo
     assert chat.is_answer("I am a tiny helpful test model, and I can answer questions.", runs)
 

@@ -50,6 +50,17 @@ def test_slimgpt_20_within_2x_dense_and_smaller(dense, pruned):
     assert p["model_after"] < p["model_before"]
 
 
+def test_pruned_instruct_model_still_answers_chat_probes(pruned):
+    """Chat windows are mixed into calibration by default (the GGUF carries a chat template); the compile's
+    own probe (24 built-in prompts, greedy, through the template) finds a model that still answers."""
+    cal = pruned.report["plan"]["calibration"]
+    assert cal["chat"]["windows"] == round(0.5 * CALIB["calib_samples"])
+    assert cal["chat"]["self_generated"]["windows"] > 0 and cal["chat"]["framed"]["windows"] > 0
+    probe = pruned.report["chat_probe"]
+    assert probe["answered"] >= 0.75, probe
+    assert (pruned.output / "README.md").read_text().count("chat probe: answered") == 1
+
+
 def test_slimgpt_beats_no_compensation_at_same_widths(dense, pruned, tmp_path):
     _, windows, _ = dense
     plan = pruned.output / "slimc_plan.json"

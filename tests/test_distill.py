@@ -1,0 +1,41 @@
+"""Distillation from the dense model lowers the KL of a damaged model on windows it never trained on."""
+import copy
+
+import torch
+
+from slimc.distill import HOLDOUT_EVERY, _held_out_kl, distill
+
+from conftest import tiny_model
+
+
+def _damaged(seed=0):
+    teacher = tiny_model("llama")
+    student = copy.deepcopy(teacher)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if ".layers." in name and p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=g) * p.std() * 0.5)
+    windows = torch.randint(0, 128, (32, 16), generator=torch.Generator().manual_seed(1))
+    return teacher, student, windows
+
+
+def test_distillation_lowers_kl_on_held_out_and_unseen_windows():
+    teacher, student, windows = _damaged()
+    unseen = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(2))
+    unseen_before = _held_out_kl(student, teacher, unseen, 4)
+    embed = student.model.embed_tokens.weight.detach().clone()
+    r = distill(student, teacher, windows, epochs=10, lr=1e-3, batch_size=4)
+    assert r.kept and r.kl_after < 0.8 * r.kl_before
+    assert r.steps == 10 * (32 - 32 // HOLDOUT_EVERY) // 4 and r.tokens == r.steps * 4 * 16
+    assert _held_out_kl(student, teacher, unseen, 4) < unseen_before
+    assert torch.equal(student.model.embed_tokens.weight, embed)  # embeddings (tied lm_head) untouched
+
+
+def test_distillation_that_does_not_help_is_undone():
+    teacher, student, windows = _damaged()
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+    r = distill(student, teacher, windows, epochs=2, lr=50.0, batch_size=4)
+    assert not r.kept and r.kl_after == r.kl_before
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, state[k]), k
