@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -30,7 +31,9 @@ PROMPT_SETS = {"eval": "builtin", "probe": str(HERE.parent / "slimc" / "prompts"
 
 
 def compile_args(name: str) -> list[str]:
-    kind, ratio, *rest = name.split("-")
+    # options start with a letter, so a dash inside a number (lr3e-4) does not split
+    head, *rest = re.split(r"-(?=[a-z])", name)
+    kind, ratio = head.split("-", 1)
     args = ["--sparsity", ratio]
     if kind == "plain":
         args += ["--chat-calib", "off"]

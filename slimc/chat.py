@@ -227,11 +227,14 @@ def generate_answers(model, tokenizer, prompts: list[Conversation], max_new_toke
 def _cached_answers(path: Path, make) -> list[Answer]:
     if path.is_file():
         return [Answer(**a) for a in json.loads(path.read_text())]
+    import tempfile
+
     answers = make()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps([a.__dict__ for a in answers]))
-    tmp.replace(path)  # atomic: a killed run never leaves a half-written cache entry
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", dir=path.parent)
+    with open(fd, "w") as f:
+        json.dump([a.__dict__ for a in answers], f)
+    Path(tmp).replace(path)  # atomic: a killed or concurrent run never leaves a half-written entry
     return answers
 
 
