@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--reconstruct-lr", type=float, default=1e-4)
     c.add_argument("--distill-epochs", type=int, default=0,
                    help="after pruning, passes of distillation from the dense model on the calibration windows")
-    c.add_argument("--distill-lr", type=float, default=2e-5)
+    c.add_argument("--distill-lr", type=float, default=5e-5)
     c.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
     e = sub.add_parser("eval", help="perplexity and chat fidelity of a model or a compiled output")
