@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .errors import SlimcError
+from .load import model_fingerprint
 
 PROMPTS = (128, 512, 2048)
 DECODE_BATCHES = (1, 8)
@@ -108,18 +109,6 @@ class _OrtRunner:
                 tok = logits.numpy()[:, -1:].argmax(-1)
             return time.perf_counter() - t0
         return run
-
-
-def model_fingerprint(model) -> str:
-    """Hash of the config and of every parameter's name, shape and sum: a local directory whose weights
-    changed under the same path never hits a stale export."""
-    import hashlib
-
-    h = hashlib.sha1(model.config.to_json_string(use_diff=False).encode())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            h.update(f"{name}{tuple(p.shape)}{p.double().sum().item():.10e}".encode())
-    return h.hexdigest()[:16]
 
 
 def _dense_onnx_dir(spec: str, model) -> Path:

@@ -40,7 +40,7 @@ def run_eval(model: str, ppl: str | None = None, seq_len: int = 2048, max_tokens
     """`slimc eval`: perplexity (unless only --chat was asked for) and chat fidelity, for `model` and, with
     `against`, for the dense model beside it in the same run."""
     from . import chat as chat_mod, data
-    from .bench import model_fingerprint
+    from .load import model_fingerprint
     from .errors import SlimcError
     from .load import load_model
 

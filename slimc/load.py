@@ -98,3 +98,16 @@ def load_model(spec: str, dtype: str | None = None, device: str = "cpu", allow_s
         del model.config.quantization_config
     model.eval().to(device)
     return LoadedModel(model, tokenizer, spec, family, source_dtype)
+
+
+def model_fingerprint(model) -> str:
+    """Hash of the config and of every parameter's name, shape and sum: the key of everything cached per model
+    (dense ONNX exports, chat answers), so a local directory whose weights changed under the same path never
+    hits a stale entry."""
+    import hashlib
+
+    h = hashlib.sha1(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            h.update(f"{name}{tuple(p.shape)}{p.double().sum().item():.10e}".encode())
+    return h.hexdigest()[:16]

@@ -200,7 +200,7 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
         samples = data.calibration_samples(loaded.tokenizer, cfg.calib, n, cfg.seq_len, cfg.seed)
         chat_mix = None
         if need_calib and chat.chat_calibration_enabled(cfg.chat_calib, loaded.tokenizer):
-            from .bench import model_fingerprint
+            from .load import model_fingerprint
 
             chat_windows, chat_mix = chat.calibration_windows(
                 model, loaded.tokenizer, cfg.calib, cfg.calib_samples, cfg.seq_len, cfg.seed, cfg.chat_mix,

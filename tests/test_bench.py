@@ -1,6 +1,6 @@
 import torch
 
-from slimc.bench import model_fingerprint
+from slimc.load import model_fingerprint
 from conftest import tiny_model
 
 
