@@ -60,7 +60,13 @@ def run_eval(model: str, ppl: str | None = None, seq_len: int = 2048, max_tokens
     reference_spec = against or (_source_model(model) if chat else None)
     dense = None
     if reference_spec:
-        dense = load_model(reference_spec, dtype=dtype, device=device, allow_slimc=True)
+        try:
+            dense = load_model(reference_spec, dtype=dtype, device=device, allow_slimc=True)
+        except SlimcError as e:
+            if against:
+                raise
+            raise SlimcError(f"the reference for --chat, the plan's source model, does not load here ({e}); "
+                             f"pass --against MODEL") from e
     result: dict = {"model": model}
     if do_ppl:
         windows = data.eval_windows(loaded.tokenizer, ppl, seq_len, max_tokens)

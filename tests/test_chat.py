@@ -250,3 +250,44 @@ def test_compile_mixes_chat_windows_reports_probe_and_writes_a_card(tmp_path, ca
     assert "chat" not in off.report["plan"]["calibration"]
     with pytest.raises(SlimcError, match="no chat template"):
         slimc.compile(str(save_tiny_dir(tmp_path / "plain", vocab_size=140)), str(tmp_path / "x"), chat_calib="on", **opts)
+
+
+def test_cli_chat_eval_names_a_missing_source_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SLIMC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(chat, "PROBE_TOKENS", 2)
+    import slimc
+
+    model = save_tiny_dir(tmp_path / "m", chat_template=TINY_CHAT_TEMPLATE, vocab_size=140)
+    (tmp_path / "calib.txt").write_text(TEXT)
+    slimc.compile(str(model), str(tmp_path / "out"), 0.3, calib=str(tmp_path / "calib.txt"), calib_samples=4,
+                  seq_len=128, chat_calib="off")
+    import shutil
+
+    shutil.rmtree(model)  # the plan's source model is gone
+    capsys.readouterr()
+    rc = main(["eval", str(tmp_path / "out"), "--chat"])
+    assert "pass --against MODEL" in _one_line_error(capsys, rc)
+
+
+def test_cli_eval_chat_and_ppl_with_dense_beside(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SLIMC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(chat, "PROBE_TOKENS", 2)
+    import slimc
+
+    model = save_tiny_dir(tmp_path / "m", chat_template=TINY_CHAT_TEMPLATE, vocab_size=140)
+    (tmp_path / "calib.txt").write_text(TEXT)
+    slimc.compile(str(model), str(tmp_path / "out"), 0.3, calib=str(tmp_path / "calib.txt"), calib_samples=4,
+                  seq_len=128, chat_calib="off")
+    capsys.readouterr()
+    out_json = tmp_path / "eval.json"
+    rc = main(["eval", str(tmp_path / "out"), "--chat", "--chat-tokens", "6", "--ppl", str(tmp_path / "calib.txt"),
+               "--seq-len", "64", "--against", str(model), "--json", str(out_json)])
+    assert rc == 0
+    r = json.loads(out_json.read_text())
+    c, d = r["chat"], r["against"]["chat"]
+    assert c["prompts"] == d["prompts"] == len(chat.builtin_prompts("eval")) and c["reference_model"] == str(model)
+    # the dense side is scored on its own answers: full agreement
+    assert d["agreement"] == 1.0 and d["reference_tokens"] == c["reference_tokens"] > 0 and 0 <= c["answered"] <= 1
+    assert r["ppl"] > 1 and r["against"]["ppl"] > 1 and r["windows"] >= 1
+    printed = capsys.readouterr().out
+    assert "chat fidelity on 48 prompts" in printed and "model / dense" in printed
