@@ -20,7 +20,7 @@ from .calibrate import BlockInputs, to_device, catch_block_inputs, collect_hessi
 from .capture import BlockStructure, capture_block
 from .config import CompileConfig
 from .errors import SlimcError
-from .load import DTYPES, LoadedModel, load_model
+from .load import DTYPES, LoadedModel, load_model, model_fingerprint
 from .plan import BlockShape, LayerPlan, PruningPlan, solve_plan
 from .reconstruct import reconstruct_block
 
@@ -200,8 +200,6 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
         samples = data.calibration_samples(loaded.tokenizer, cfg.calib, n, cfg.seq_len, cfg.seed)
         chat_mix = None
         if need_calib and chat.chat_calibration_enabled(cfg.chat_calib, loaded.tokenizer):
-            from .load import model_fingerprint
-
             chat_windows, chat_mix = chat.calibration_windows(
                 model, loaded.tokenizer, cfg.calib, cfg.calib_samples, cfg.seq_len, cfg.seed, cfg.chat_mix,
                 cfg.chat_data, model_fingerprint(model))
