@@ -31,6 +31,14 @@ def test_explicit_align_ffn_wins_over_the_target_default():
     ({"sparsity": 0.95}, "--sparsity"),
     ({"target": "tensorrt"}, "--target"),
     ({"gqa": "heads"}, "--gqa"),
+    ({"chat_calib": "yes"}, "--chat-calib"),
+    ({"chat_data": "web"}, "--chat-data"),
+    ({"chat_mix": 0}, "--chat-mix"),
+    ({"chat_mix": 5}, "--chat-mix"),
+    ({"reconstruct_epochs": 0}, "--reconstruct-epochs"),
+    ({"reconstruct_lr": 0}, "--reconstruct-lr"),
+    ({"distill_epochs": -1}, "--distill-epochs"),
+    ({"distill_lr": -1e-5}, "--distill-lr"),
 ])
 def test_bad_options_are_refused(kwargs, message):
     with pytest.raises(SlimcError, match=message):
