@@ -89,8 +89,9 @@ def brown_text(split: str) -> str:
 def load_text(source: str, split: str) -> str:
     """Text of `source` ("brown", "wikitext2", "c4" or a PATH) for `split` ("calibration" or "evaluation").
 
-    `brown-heldout` gives Brown files 04-06 for both splits. A PATH (a .txt file, or a directory whose .txt files, found recursively, are read in sorted order) gives
-    the same text for both splits: keep calibration and evaluation files apart yourself."""
+    `brown-heldout` gives Brown files 04-06 for both splits. A PATH (a .txt file, or a directory whose .txt
+    files, found recursively, are read in sorted order) gives the same text for both splits: keep calibration
+    and evaluation files apart yourself."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}")
     calib = split == "calibration"

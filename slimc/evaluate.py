@@ -40,9 +40,8 @@ def run_eval(model: str, ppl: str | None = None, seq_len: int = 2048, max_tokens
     """`slimc eval`: perplexity (unless only --chat was asked for) and chat fidelity, for `model` and, with
     `against`, for the dense model beside it in the same run."""
     from . import chat as chat_mod, data
-    from .load import model_fingerprint
     from .errors import SlimcError
-    from .load import load_model
+    from .load import load_model, model_fingerprint
 
     if seq_len < 2:
         raise SlimcError("--seq-len must be at least 2")

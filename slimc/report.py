@@ -73,14 +73,20 @@ def format_report(r: dict) -> str:
         "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["seconds"].items()),
         f"sample: {r['sample']!r}",
     ]
-    probe = r.get("chat_probe")
-    if probe:
-        lines.append(f"chat sample: {probe['sample']['prompt']!r} -> {probe['sample']['answer']!r}")
-        lines.append(f"chat probe: answered {probe['answered']:.0%} of {probe['prompts']} built-in prompts")
+    lines += chat_lines(r)
     warning = chat_warning(r)
     if warning:
         lines.append(warning)
     return "\n".join(lines)
+
+
+def chat_lines(r: dict) -> list[str]:
+    """The chat sample and the probe's answered share, for the printed report and the model card."""
+    probe = r.get("chat_probe")
+    if not probe:
+        return []
+    return [f"chat sample: {probe['sample']['prompt']!r} -> {probe['sample']['answer']!r}",
+            f"chat probe: answered {probe['answered']:.0%} of {probe['prompts']} built-in prompts"]
 
 
 def write_report(r: dict, out_dir: Path) -> None:
@@ -92,7 +98,6 @@ def write_report(r: dict, out_dir: Path) -> None:
 def model_card(r: dict) -> str:
     """OUT/README.md: what this checkpoint is, how it was made, what was measured at compile time, how to use it."""
     plan, p, cfg = r["plan"], r["params"], r["config"]
-    probe = r.get("chat_probe")
     lines = [
         f"# {plan['source_model']}, pruned by slimc ({plan['achieved_sparsity']:.0%} of decoder-block parameters)",
         "",
@@ -109,9 +114,7 @@ def model_card(r: dict) -> str:
         f"{sum(row['rel_error'] for row in r['layers']) / max(len(r['layers']), 1):.4f}",
         f"- plain-text sample: {r['sample']!r}",
     ]
-    if probe:
-        lines += [f"- chat probe: answered {probe['answered']:.0%} of {probe['prompts']} built-in prompts",
-                  f"- chat sample: {probe['sample']['prompt']!r} -> {probe['sample']['answer']!r}"]
+    lines += [f"- {line}" for line in chat_lines(r)]
     warning = chat_warning(r)
     if warning:
         lines += ["", f"**{warning}**"]

@@ -252,7 +252,8 @@ def test_compile_mixes_chat_windows_reports_probe_and_writes_a_card(tmp_path, ca
         slimc.compile(str(save_tiny_dir(tmp_path / "plain", vocab_size=140)), str(tmp_path / "x"), chat_calib="on", **opts)
 
 
-def test_cli_chat_eval_names_a_missing_source_model(tmp_path, capsys, monkeypatch):
+def _compiled_tiny_chat_model(tmp_path, monkeypatch):
+    """A tiny chat model (a local dir) and its 30 % compile at tmp_path/out (plain calibration: quick)."""
     monkeypatch.setenv("SLIMC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(chat, "PROBE_TOKENS", 2)
     import slimc
@@ -261,23 +262,20 @@ def test_cli_chat_eval_names_a_missing_source_model(tmp_path, capsys, monkeypatc
     (tmp_path / "calib.txt").write_text(TEXT)
     slimc.compile(str(model), str(tmp_path / "out"), 0.3, calib=str(tmp_path / "calib.txt"), calib_samples=4,
                   seq_len=128, chat_calib="off")
+    return model
+
+
+def test_cli_chat_eval_names_a_missing_source_model(tmp_path, capsys, monkeypatch):
     import shutil
 
-    shutil.rmtree(model)  # the plan's source model is gone
+    shutil.rmtree(_compiled_tiny_chat_model(tmp_path, monkeypatch))  # the plan's source model is gone
     capsys.readouterr()
     rc = main(["eval", str(tmp_path / "out"), "--chat"])
     assert "pass --against MODEL" in _one_line_error(capsys, rc)
 
 
 def test_cli_eval_chat_and_ppl_with_dense_beside(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("SLIMC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(chat, "PROBE_TOKENS", 2)
-    import slimc
-
-    model = save_tiny_dir(tmp_path / "m", chat_template=TINY_CHAT_TEMPLATE, vocab_size=140)
-    (tmp_path / "calib.txt").write_text(TEXT)
-    slimc.compile(str(model), str(tmp_path / "out"), 0.3, calib=str(tmp_path / "calib.txt"), calib_samples=4,
-                  seq_len=128, chat_calib="off")
+    model = _compiled_tiny_chat_model(tmp_path, monkeypatch)
     capsys.readouterr()
     out_json = tmp_path / "eval.json"
     rc = main(["eval", str(tmp_path / "out"), "--chat", "--chat-tokens", "6", "--ppl", str(tmp_path / "calib.txt"),
