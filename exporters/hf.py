@@ -8,10 +8,11 @@ from pathlib import Path
 
 from torch import nn
 
-from slimc import modeling_slimc
+from slimc import layout, modeling_slimc
 
 PLAN_FILE = "slimc_plan.json"
 MODELING_FILE = "modeling_slimc.py"
+LAYOUT_FILE = "layout.py"  # imported by the modeling file (relative import: transformers copies it along)
 
 
 def write_hf(model: nn.Module, tokenizer, plan_json: str, out_dir: Path) -> None:
@@ -22,12 +23,21 @@ def write_hf(model: nn.Module, tokenizer, plan_json: str, out_dir: Path) -> None
         "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{type(model).__name__}",
     }
     model.save_pretrained(out_dir)  # safetensors; tied lm_head is written once
+    # config.json names the source family's model_type (a type every transformers knows) and points only the
+    # model class at modeling_slimc.py. AutoTokenizer always reads config.json through AutoConfig: with an
+    # unknown "slimc_*" type and an AutoConfig entry in auto_map it asked "run the custom code? [y/N]" and fell
+    # back to a generic tokenizer; now the config resolves locally. The model still needs trust_remote_code=True.
+    cfg = json.loads((out_dir / "config.json").read_text())
+    cfg["model_type"] = cfg["slimc_base_model_type"]
+    cfg["auto_map"] = {"AutoModelForCausalLM": model.config.auto_map["AutoModelForCausalLM"]}
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(out_dir)
     shutil.copyfile(modeling_slimc.__file__, out_dir / MODELING_FILE)
+    shutil.copyfile(layout.__file__, out_dir / LAYOUT_FILE)
     (out_dir / PLAN_FILE).write_text(plan_json)
     # sanity: what we wrote must describe per-layer widths matching the tensors
-    cfg = json.loads((out_dir / "config.json").read_text())
     n = cfg["num_hidden_layers"]
-    for key in modeling_slimc.PER_LAYER_KEYS:
+    for key in layout.PER_LAYER_KEYS:
         if len(cfg[key]) != n:
             raise RuntimeError(f"config.json {key} has {len(cfg[key])} entries for {n} layers")
+    layout.layer_layouts(cfg)

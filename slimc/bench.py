@@ -23,25 +23,19 @@ DECODE_CONTEXT = 128
 RUNTIMES = ("onnxruntime", "torch", "vllm")
 
 
-def layer_widths(config) -> list[tuple[int, int, int]]:
-    n = config.num_hidden_layers
-    q = getattr(config, "layer_num_attention_heads", None) or [config.num_attention_heads] * n
-    kv = getattr(config, "layer_num_key_value_heads", None) or [config.num_key_value_heads] * n
-    f = getattr(config, "layer_intermediate_size", None) or [config.intermediate_size] * n
-    return list(zip(q, kv, f))
-
-
 def forward_macs(config, batch: int, seq: int, past: int) -> int:
-    """Multiply-accumulates of every matmul in one forward: q/k/v/o, gate/up/down, attention scores and
-    context, lm_head (all positions' logits, as the exported graph computes them)."""
-    h = config.hidden_size
-    d = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    """Multiply-accumulates of every matmul in one forward: q/k/v/o, gate/up/down (each at the hidden dims the
+    layer reads / writes: DISP's gathers and scatters count zero), attention scores and context, lm_head (all
+    positions' logits, as the exported graph computes them)."""
+    from .layout import layer_layouts
+
     total = 0
-    for q, kv, f in layer_widths(config):
-        total += seq * h * d * (q + 2 * kv) + seq * q * d * h  # projections
-        total += 3 * seq * h * f  # gated MLP
+    for l in layer_layouts(config):
+        q, kv, f, d = l.num_attention_heads, l.num_key_value_heads, l.intermediate_size, l.head_dim
+        total += seq * l.attn_in_dims * d * (q + 2 * kv) + seq * q * d * l.attn_out_dims  # projections
+        total += 2 * seq * l.mlp_in_dims * f + seq * f * l.mlp_out_dims  # gated MLP
         total += 2 * q * seq * (past + seq) * d  # scores and context
-    total += seq * h * config.vocab_size
+    total += seq * config.hidden_size * config.vocab_size
     return batch * total
 
 

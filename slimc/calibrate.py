@@ -82,9 +82,29 @@ class HessianAccumulator:
         return self.H
 
 
+class OutputEnergyAccumulator:
+    """Running 2/n sum y_j^2 of each output j of a linear (H's units: equals w_j H w_j^T of its input), via a
+    forward hook -- what dropping an output row costs, for a fraction of a Hessian's price."""
+
+    def __init__(self, linear: nn.Linear):
+        self.energy = torch.zeros(linear.out_features, dtype=torch.float64, device=linear.weight.device)
+        self.n = 0
+        self.handle = linear.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        y = output.detach().reshape(-1, output.shape[-1]).double()
+        m = y.shape[0]
+        self.energy *= self.n / (self.n + m)
+        self.n += m
+        self.energy += 2 / self.n * y.pow(2).sum(0)
+
+
 @contextmanager
-def collect_hessians(block: nn.Module, paths: list[str]):
+def collect_hessians(block: nn.Module, paths: list[str], output_energies: tuple[str, ...] = ()):
+    """H of the inputs of the linears at `paths` (and output energies of those at `output_energies`), keyed by
+    path; energies under (path, "energy")."""
     accs = {p: HessianAccumulator(block.get_submodule(p)) for p in paths}
+    accs.update({(p, "energy"): OutputEnergyAccumulator(block.get_submodule(p)) for p in output_energies})
     try:
         yield accs
     finally:

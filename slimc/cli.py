@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from .config import METHODS
 from .errors import SlimcError
 
 
@@ -17,7 +18,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="output directory (must not exist)")
     c.add_argument("--sparsity", type=float, default=0.2, help="fraction of decoder-block attention+FFN params to remove")
     c.add_argument("--target", default="hf", choices=["hf", "vllm", "onnx"])
-    c.add_argument("--method", default="slimgpt", choices=["slimgpt", "magnitude"])
+    c.add_argument("--method", default="slimgpt", choices=list(METHODS),
+                   help="slimgpt: heads + FFN channels (default); disp: each block reads/writes its own hidden dims; "
+                        "slimgpt+disp: both, the budget split per block by error per parameter")
     c.add_argument("--schedule", default="log", choices=["log", "linear", "uniform"])
     c.add_argument("--calib", default="brown",
                    help="brown | wikitext2 | c4 | PATH to a .txt file or directory | a .jsonl of conversations")
@@ -53,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--distill-epochs", type=int, default=0,
                    help="after pruning, passes of distillation from the dense model on the calibration windows")
     c.add_argument("--distill-lr", type=float, default=5e-5)
+    c.add_argument("--disp-train", type=int, default=0, metavar="STEPS",
+                   help="DISP methods: learn the hidden-dim masks with the paper's hypernetwork for STEPS steps, "
+                        "warm-started from the training-free selection (model weights frozen)")
+    c.add_argument("--disp-lr", type=float, default=1e-3)
+    c.add_argument("--disp-lambda", type=float, default=2.0, help="weight of the parameter-budget loss term")
+    c.add_argument("--disp-seq-len", type=int, default=256, help="tokens per --disp-train sample")
     c.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
     e = sub.add_parser("eval", help="perplexity and chat fidelity of a model or a compiled output")

@@ -9,7 +9,8 @@ from .errors import SlimcError
 from .plan import GQA_MODES, HEAD_ROUNDINGS, SCHEDULES
 
 TARGETS = ("hf", "vllm", "onnx")
-METHODS = ("slimgpt", "magnitude")
+METHODS = ("slimgpt", "magnitude", "disp", "slimgpt+disp")
+DISP_METHODS = ("disp", "slimgpt+disp")  # each block reads / writes its own subset of the hidden dims
 HEAD_SCORES = ("grouped", "column")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 CONFIG_FORMAT = "slimc.compile-config/1"
@@ -40,6 +41,10 @@ class CompileConfig:
     reconstruct_lr: float = 1e-4
     distill_epochs: int = 0  # 0: off; else passes of whole-model distillation from the dense model after pruning
     distill_lr: float = 5e-5  # the one setting measured (BENCHMARKS.md §5)
+    disp_train: int = 0  # DISP: steps of hypernetwork mask training on top of the training-free selection (0: off)
+    disp_lr: float = 1e-3  # the paper's AdamW learning rate
+    disp_lambda: float = 2.0  # weight of the |log(kept / target)| parameter-budget term
+    disp_seq_len: int = 256  # tokens per training sample
     gqa: str = "query"
     head_rounding: str = "floor"
     align_ffn: int | None = None  # None: DEFAULT_ALIGN_FFN[target]
@@ -78,6 +83,21 @@ class CompileConfig:
             raise SlimcError(f"--sparsity must be in (0, 0.9], got {self.sparsity}")
         if self.distill_epochs < 0 or not self.distill_lr > 0:
             raise SlimcError("--distill-epochs must be >= 0 and --distill-lr positive")
+        if self.disp_train < 0 or not self.disp_lr > 0 or not self.disp_lambda > 0 or self.disp_seq_len < 2:
+            raise SlimcError("--disp-train must be >= 0; --disp-lr and --disp-lambda positive; --disp-seq-len >= 2")
+        if self.method in DISP_METHODS:
+            if self.reconstruct or self.distill_epochs:
+                raise SlimcError(f"--reconstruct and --distill-epochs update weights a DISP mask has cut; they are not "
+                                 f"combined with --method {self.method}")
+            if self.plan_only:
+                raise SlimcError(f"--plan-only: --method {self.method} chooses each block's widths from its calibration "
+                                 "statistics; compile once and reuse OUT/slimc_plan.json with --plan")
+            if self.tp > 1:
+                raise SlimcError(f"--method {self.method} is served with --tp 1 only (index sets under tensor "
+                                 "parallelism are not verified)")
+        elif self.disp_train:
+            raise SlimcError(f"--disp-train learns DISP masks: it needs --method disp or slimgpt+disp "
+                             f"(got {self.method})")
         if not self.reconstruct_lr > 0:
             raise SlimcError(f"--reconstruct-lr must be positive, got {self.reconstruct_lr}")
         for name in ("calib_samples", "seq_len", "align_ffn", "tp", "batch_size", "reconstruct_epochs"):

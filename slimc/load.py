@@ -69,12 +69,14 @@ def load_model(spec: str, dtype: str | None = None, device: str = "cpu", allow_s
     except Exception as e:
         where = "" if local else " (hub ids need network access to the Hugging Face hub)"
         raise SlimcError(f"cannot load model config from {spec}{where}: {str(e).splitlines()[0]}") from e
+    # a slimc checkpoint: config.json names its base family's model_type (legacy ones "slimc_<family>")
+    is_slimc = bool(getattr(config, "slimc_base_model_type", None)) or config.model_type.startswith("slimc_")
     family = getattr(config, "slimc_base_model_type", None) or config.model_type
     if family not in SUPPORTED_FAMILIES:
         arch = (getattr(config, "architectures", None) or [config.model_type])[0]
         raise SlimcError(f"unsupported architecture {arch!r} (model_type {config.model_type!r}); slimc supports "
                          f"{', '.join(SUPPORTED_FAMILIES)}")
-    if config.model_type.startswith("slimc_") and not allow_slimc:
+    if is_slimc and not allow_slimc:
         raise SlimcError(f"{spec} is already a slimc-pruned model; prune the original model instead")
     # older configs spell it torch_dtype; read the raw attribute, the property warns of deprecation
     source_dtype = getattr(config, "dtype", None) or vars(config).get("torch_dtype")
@@ -84,7 +86,14 @@ def load_model(spec: str, dtype: str | None = None, device: str = "cpu", allow_s
         source_dtype = torch.float32  # GGUF weights are dequantized to fp32
     want = DTYPES[dtype] if dtype else source_dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=want, attn_implementation="sdpa", **extra)
+        if is_slimc:  # slimc's own classes (the same code as the checkpoint's modeling_slimc.py)
+            from .modeling_slimc import CLASSES
+
+            config_cls, lm_cls = CLASSES[family]
+            d = {k: v for k, v in config.to_dict().items() if k != "model_type"}
+            model = lm_cls.from_pretrained(path, config=config_cls(**d), dtype=want, attn_implementation="sdpa")
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=want, attn_implementation="sdpa", **extra)
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
     except SlimcError:
         raise

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .modeling_slimc import CLASSES, PER_LAYER_KEYS
+from .layout import PER_LAYER_KEYS
+from .modeling_slimc import CLASSES
 from .plan import PruningPlan
 
 
@@ -16,9 +17,9 @@ def slim_config(source_config, family: str, plan: PruningPlan):
     for key in ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version"):
         d.pop(key, None)
     d["head_dim"] = getattr(source_config, "head_dim", None) or source_config.hidden_size // source_config.num_attention_heads
-    widths = ([layer.num_attention_heads for layer in plan.layers], [layer.num_key_value_heads for layer in plan.layers],
-              [layer.intermediate_size for layer in plan.layers])
-    d.update(dict(zip(PER_LAYER_KEYS, widths)))
+    per_layer = [(layer.num_attention_heads, layer.num_key_value_heads, layer.intermediate_size,
+                  *layer.dims(source_config.hidden_size)) for layer in plan.layers]
+    d.update({key: [values[k] for values in per_layer] for k, key in enumerate(PER_LAYER_KEYS)})
     config = config_cls(**d)
     config.architectures = [lm_cls.__name__]
     return config
@@ -32,7 +33,7 @@ def build_slim_model(pruned: nn.Module, family: str, plan: PruningPlan, dtype: t
     _, lm_cls = CLASSES[family]
     with torch.device("meta"):
         model = lm_cls(config)
-    state = {k: v.to(dtype) for k, v in pruned.state_dict().items()}
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in pruned.state_dict().items()}  # index sets stay int64
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = set(getattr(model, "_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
     missing = [k for k in missing if k not in tied]

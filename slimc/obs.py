@@ -12,7 +12,7 @@ Everything runs in float64: the Schur-complement updates lose precision quickly 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -63,6 +63,11 @@ def column_errors(W: torch.Tensor, Hinv: torch.Tensor) -> torch.Tensor:
     return W.to(torch.float64).pow(2).sum(0) / Hinv.diagonal()
 
 
+def _alive_column_errors(W: torch.Tensor, Hinv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """column_errors of the columns idx, reading only Hinv's diagonal (no copy of the remaining block)."""
+    return W[:, idx].to(torch.float64).pow(2).sum(0) / Hinv.diagonal()[idx]
+
+
 def summed_column_errors(W: torch.Tensor, Hinv: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """Ablation score: a group's error as the sum of its columns' independent errors (ignores correlations)."""
     return column_errors(W, Hinv)[groups].sum(1)
@@ -92,6 +97,7 @@ class PruneResult:
     weight: torch.Tensor  # full-width weight, pruned columns zeroed, compensated unless asked otherwise
     removal_order: list[int]
     error: float  # accumulated OBS error of the removals (in units of H, i.e. 2/n * squared error)
+    step_errors: list[float] = field(default_factory=list)  # the joint error each greedy round added
 
 
 def prune_units_greedy(
@@ -121,6 +127,7 @@ def prune_units_greedy(
     Wc = W.to(torch.float64)
     alive = torch.ones(n_units, dtype=torch.bool)
     order: list[int] = []
+    steps: list[float] = []
     total_error = 0.0
     scorer = group_errors if score == "grouped" else summed_column_errors
     if score not in ("grouped", "column"):
@@ -136,13 +143,14 @@ def prune_units_greedy(
             chosen = torch.stack([idx[parts == p][err[parts == p].argmin()] for p in parts.unique()])
         cols = units[chosen].reshape(-1)
         # the joint error of the chosen set (not the sum of their separate errors) is what the update costs
-        total_error += float(group_errors(Wc, Hinv, cols[None])[0])
+        steps.append(float(group_errors(Wc, Hinv, cols[None])[0]))
+        total_error += steps[-1]
         Wc, Hinv = obs_remove(Wc, Hinv, cols)
         alive[chosen] = False
         order.extend(int(c) for c in chosen)
     kept = alive.nonzero().squeeze(1)
     weight = _finish(W, Wc, units[~alive].reshape(-1), compensate)
-    return PruneResult(kept=kept, weight=weight, removal_order=order, error=total_error)
+    return PruneResult(kept=kept, weight=weight, removal_order=order, error=total_error, step_errors=steps)
 
 
 def dynamic_group_sizes(n_remove: int, max_group: int = 1024, min_group: int = 8) -> list[int]:
@@ -177,14 +185,39 @@ def prune_columns_dynamic(
     total_error = 0.0
     for size in dynamic_group_sizes(n_remove, max_group, min_group):
         idx = alive.nonzero().squeeze(1)
-        err = column_errors(Wc[:, idx], Hinv[idx][:, idx])
-        cols = idx[err.argsort()[:size]]
+        cols = idx[_alive_column_errors(Wc, Hinv, idx).argsort()[:size]]
         total_error += float(group_errors(Wc, Hinv, cols[None])[0])
         Wc, Hinv = obs_remove(Wc, Hinv, cols)
         alive[cols] = False
         order.extend(int(c) for c in cols)
     weight = _finish(W, Wc, (~alive).nonzero().squeeze(1), compensate)
     return PruneResult(kept=alive.nonzero().squeeze(1), weight=weight, removal_order=order, error=total_error)
+
+
+def greedy_column_curve(W: torch.Tensor, H: torch.Tensor, n_remove: int, step: int = 8,
+                        percdamp: float = 0.01) -> torch.Tensor:
+    """Marginal error of removing W's input columns one after another along the OBS greedy path (`step` columns
+    per round, each round the cheapest under the already compensated W and Hinv, removed jointly): entry k is
+    the error column k adds, its round's joint error shared evenly by the round's columns.
+
+    Unlike the sum of independent single-column errors, this counts what compensation can no longer recover
+    once correlated columns are gone too -- the difference between a mild and a ruinous curve when most of a
+    projection's inputs go."""
+    if not 0 <= n_remove < W.shape[1]:
+        raise ValueError(f"cannot remove {n_remove} of {W.shape[1]} columns")
+    Hinv = inverse_hessian(H, percdamp)
+    Wc = W.to(torch.float64)
+    alive = torch.ones(W.shape[1], dtype=torch.bool)
+    curve = []
+    while len(curve) < n_remove:
+        idx = alive.nonzero().squeeze(1)
+        size = min(step, n_remove - len(curve))
+        cols = idx[_alive_column_errors(Wc, Hinv, idx).argsort()[:size]]
+        err = float(group_errors(Wc, Hinv, cols[None])[0])
+        Wc, Hinv = obs_remove(Wc, Hinv, cols)
+        alive[cols] = False
+        curve += [err / size] * size
+    return torch.tensor(curve, dtype=torch.float64)
 
 
 def _finish(W: torch.Tensor, W_updated: torch.Tensor, removed_cols: torch.Tensor, compensate: bool) -> torch.Tensor:

@@ -12,13 +12,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .passes import MaterializeChannels, MaterializeHeads, PruneChannels, PruneHeads
+from .passes import (MaterializeChannels, MaterializeDims, MaterializeHeads, PruneChannels, PruneHeads, PruneReadDims,
+                     PruneWriteDims, apply_dims)
+from .passes.materialize import _head_rows
 from .passes.prune_heads import head_widths
 
 from . import __version__
 from .calibrate import BlockInputs, to_device, catch_block_inputs, collect_hessians, decoder_layers, run_block
 from .capture import BlockStructure, capture_block
-from .config import CompileConfig
+from .config import DISP_METHODS, CompileConfig
+from . import disp
+from .layout import INDEX_SETS
 from .errors import SlimcError
 from .load import DTYPES, LoadedModel, load_model, model_fingerprint
 from .plan import BlockShape, LayerPlan, PruningPlan, solve_plan
@@ -56,7 +60,9 @@ def block_shape(block: torch.nn.Module, s: BlockStructure) -> BlockShape:
     kv_head = d * (lin(a.k).in_features + lin(a.v).in_features) + d * (has_bias(a.k) + has_bias(a.v))
     channel = lin(m.gate).in_features + lin(m.up).in_features + lin(m.down).out_features + has_bias(m.gate) + has_bias(m.up)
     other = lin(a.o).out_features * has_bias(a.o) + lin(m.down).out_features * has_bias(m.down)
-    return BlockShape(a.num_heads, a.num_kv_heads, d, m.intermediate_size, q_head, kv_head, channel, other)
+    return BlockShape(a.num_heads, a.num_kv_heads, d, m.intermediate_size, q_head, kv_head, channel, other,
+                      hidden_size=lin(a.q).in_features, qkv_bias=has_bias(a.q), o_bias=has_bias(a.o),
+                      gate_up_bias=has_bias(m.gate), down_bias=has_bias(m.down))
 
 
 def capture_structures(layers, inputs) -> list[BlockStructure]:
@@ -89,58 +95,225 @@ def _slice_kwargs(kwargs: dict, length: int) -> dict:
 
 
 def prune_blocks(loaded: LoadedModel, structures: list[BlockStructure], plan: PruningPlan, inputs,
-                 cfg: CompileConfig, timer: StageTimer) -> list[dict]:
-    """Block by block: stats for o_proj, prune heads, stats for down_proj with the pruned attention in place,
-    prune FFN, then the pruned block's outputs become the next block's inputs."""
+                 cfg: CompileConfig, timer: StageTimer, shapes: list[BlockShape] | None = None) -> list[dict]:
+    """Block by block: calibrate, prune with the method's block pruner, and the pruned block's outputs become
+    the next block's inputs. DISP methods leave each block's index sets in its row ("index_sets")."""
     device = torch.device(cfg.device)
     layers = decoder_layers(loaded.model)
     inputs.kwargs = to_device(inputs.kwargs, device)  # rotary tables etc. live with the block; hidden states stay cached
-    slimgpt = cfg.method == "slimgpt"
-    head_pass = PruneHeads(cfg.method, cfg.gqa, cfg.head_score, cfg.compensate, cfg.percdamp)
-    channel_pass = PruneChannels(cfg.method, cfg.compensate, cfg.percdamp)
+    prune_block = _prune_block_disp if cfg.method in DISP_METHODS else _prune_block_slimgpt
     rows = []
     # local reconstruction fits each pruned block to the dense model's outputs, so the dense stream is kept too
-    dense_stream = inputs.hidden if cfg.reconstruct else None
+    state = {"dense_stream": inputs.hidden if cfg.reconstruct else None}
     for i in (bar := tqdm(range(len(layers)), desc="calibrate+prune", unit="block")):
-        block, s, target = layers[i].to(device), structures[i], plan.layers[i]
-        with timer.stage("calibrate"), collect_hessians(block, [s.attention.o] if slimgpt else []) as acc:
-            dense_out = run_block(block, inputs, cfg.batch_size, device)
-        if cfg.reconstruct:
-            with timer.stage("reconstruct"):
-                dense_target = dense_out if dense_stream is inputs.hidden else run_block(
-                    block, BlockInputs(dense_stream, inputs.kwargs), cfg.batch_size, device)
-        with timer.stage("prune"):
-            heads = head_pass(block, s, num_heads=target.num_attention_heads, num_kv_heads=target.num_key_value_heads,
-                              hessian=acc[s.attention.o].H if slimgpt else None)
-            MaterializeHeads()(block, s, result=heads)
-        down_h = None
-        if slimgpt:
-            with timer.stage("calibrate"), collect_hessians(block, [s.mlp.down]) as acc:
-                run_block(block, inputs, cfg.batch_size, device, keep_outputs=False)
-            down_h = acc[s.mlp.down].H
-        with timer.stage("prune"):
-            channels = channel_pass(block, s, width=target.intermediate_size, hessian=down_h)
-            MaterializeChannels()(block, s, result=channels)
-        fit = None
-        if cfg.reconstruct:
-            with timer.stage("reconstruct"):
-                fit = reconstruct_block(block, inputs, dense_target, cfg.reconstruct_epochs, cfg.reconstruct_lr,
-                                        cfg.batch_size, device, cfg.seed)
-            dense_stream = dense_target
-        with timer.stage("calibrate"):
-            out = run_block(block, inputs, cfg.batch_size, device)
-        err = float((out - dense_out).pow(2).sum() / dense_out.pow(2).sum().clamp_min(1e-12))
-        q, kv = head_widths(block, s)
-        rows.append({"layer": i, "heads": q, "kv_heads": kv, "ffn": block.get_submodule(s.mlp.down).in_features,
-                     "target_ratio": target.target_ratio, "ratio": target.ratio, "rel_error": err,
-                     "attn_obs_error": heads.error, "ffn_obs_error": channels.error,
-                     "dense_heads": s.attention.num_heads, "dense_ffn": s.mlp.intermediate_size})
-        if fit:
-            rows[-1]["reconstruct"] = {"error_before": fit.before, "error_after": fit.after, "kept": fit.kept}
-        bar.set_postfix(heads=q, ffn=rows[-1]["ffn"], err=f"{err:.3g}")
+        block = layers[i].to(device)
+        shape = shapes[i] if shapes else block_shape(block, structures[i])
+        row, out = prune_block(block, structures[i], shape, plan.layers[i], inputs, cfg, timer, device, state)
+        rows.append({"layer": i, **row})
+        bar.set_postfix(heads=row["heads"], ffn=row["ffn"], err=f"{row['rel_error']:.3g}")
         inputs.hidden = out
         layers[i] = block.to("cpu") if device.type != "cpu" else block
     return rows
+
+
+def _relative_error(out: torch.Tensor, dense_out: torch.Tensor) -> float:
+    return float((out - dense_out).pow(2).sum() / dense_out.pow(2).sum().clamp_min(1e-12))
+
+
+def _prune_block_slimgpt(block, s: BlockStructure, shape: BlockShape, target: LayerPlan, inputs, cfg: CompileConfig,
+                         timer: StageTimer, device, state: dict) -> tuple[dict, torch.Tensor]:
+    """SlimGPT (or magnitude): stats for o_proj, prune heads, stats for down_proj with the pruned attention in
+    place, prune FFN channels."""
+    slimgpt = cfg.method == "slimgpt"
+    head_pass = PruneHeads(cfg.method, cfg.gqa, cfg.head_score, cfg.compensate, cfg.percdamp)
+    channel_pass = PruneChannels(cfg.method, cfg.compensate, cfg.percdamp)
+    with timer.stage("calibrate"), collect_hessians(block, [s.attention.o] if slimgpt else []) as acc:
+        dense_out = run_block(block, inputs, cfg.batch_size, device)
+    if cfg.reconstruct:
+        with timer.stage("reconstruct"):
+            dense_target = dense_out if state["dense_stream"] is inputs.hidden else run_block(
+                block, BlockInputs(state["dense_stream"], inputs.kwargs), cfg.batch_size, device)
+    with timer.stage("prune"):
+        heads = head_pass(block, s, num_heads=target.num_attention_heads, num_kv_heads=target.num_key_value_heads,
+                          hessian=acc[s.attention.o].H if slimgpt else None)
+        MaterializeHeads()(block, s, result=heads)
+    down_h = None
+    if slimgpt:
+        with timer.stage("calibrate"), collect_hessians(block, [s.mlp.down]) as acc:
+            run_block(block, inputs, cfg.batch_size, device, keep_outputs=False)
+        down_h = acc[s.mlp.down].H
+    with timer.stage("prune"):
+        channels = channel_pass(block, s, width=target.intermediate_size, hessian=down_h)
+        MaterializeChannels()(block, s, result=channels)
+    fit = None
+    if cfg.reconstruct:
+        with timer.stage("reconstruct"):
+            fit = reconstruct_block(block, inputs, dense_target, cfg.reconstruct_epochs, cfg.reconstruct_lr,
+                                    cfg.batch_size, device, cfg.seed)
+        state["dense_stream"] = dense_target
+    with timer.stage("calibrate"):
+        out = run_block(block, inputs, cfg.batch_size, device)
+    q, kv = head_widths(block, s)
+    row = {"heads": q, "kv_heads": kv, "ffn": block.get_submodule(s.mlp.down).in_features,
+           "target_ratio": target.target_ratio, "ratio": target.ratio, "rel_error": _relative_error(out, dense_out),
+           "attn_obs_error": heads.error, "ffn_obs_error": channels.error,
+           "dense_heads": s.attention.num_heads, "dense_ffn": s.mlp.intermediate_size}
+    if fit:
+        row["reconstruct"] = {"error_before": fit.before, "error_after": fit.after, "kept": fit.kept}
+    return row, out
+
+
+def _prune_block_disp(block, s: BlockStructure, shape: BlockShape, target: LayerPlan, inputs, cfg: CompileConfig,
+                      timer: StageTimer, device, state: dict) -> tuple[dict, torch.Tensor]:
+    """DISP (hidden dims) or SlimGPT+DISP (hidden dims, heads, FFN channels), training-free.
+
+    Pass 1 (dense block) collects the statistics of every reader and writer; the block's budget is split between
+    its sites by error per parameter (`disp.allocate`) unless a reused plan fixes the counts. Attention: heads
+    (OBS on o_proj), then read dims (OBS on the kept [q;k;v] rows: its input does not depend on the heads, so
+    the statistics stay exact), then write rows of the compensated o_proj. Pass 2 re-collects the MLP's
+    statistics with the pruned attention in place; FFN: channels, read dims, write rows, in the same order."""
+    a, m = s.attention, s.mlp
+    hidden, with_heads = shape.hidden_size, cfg.method == "slimgpt+disp"
+    step = cfg.align_ffn
+    # pass 1 (dense block): reader Hessians, writer output energies; o_proj's Hessian when heads may go (SlimGPT
+    # needs it anyway) and down_proj's -- the expensive one, intermediate x intermediate -- only to score channels
+    hessian_paths = [a.q, a.o, m.gate] + ([m.down] if with_heads else [])
+    with timer.stage("calibrate"), collect_hessians(block, hessian_paths, output_energies=(a.o, m.down)) as acc:
+        dense_out = run_block(block, inputs, cfg.batch_size, device)
+    H = {p: h.H for p, h in acc.items() if isinstance(p, str)}
+    lin = block.get_submodule
+    with timer.stage("plan"):
+        if target.attn_in_dims is not None:  # a reused plan fixes what the block keeps
+            counts = disp.BlockCounts(target.num_attention_heads, target.num_key_value_heads,
+                                      target.intermediate_size, *target.dims(hidden))
+        else:
+            curves = disp.site_curves(
+                torch.cat([lin(p).weight.data for p in (a.q, a.k, a.v)]), H[a.q], acc[a.o, "energy"].energy,
+                torch.cat([lin(p).weight.data for p in (m.gate, m.up)]), H[m.gate], acc[m.down, "energy"].energy,
+                heads=(lin(a.o).weight.data, H[a.o], a.num_heads, a.num_kv_heads, a.head_dim, cfg.gqa) if with_heads else None,
+                channels=(lin(m.down).weight.data, H[m.down], step) if with_heads else None, percdamp=cfg.percdamp)
+            # what earlier blocks removed above or below their own targets is carried to this one, so the
+            # whole model lands on --sparsity although each block moves in whole units
+            target_removed = target.target_ratio * target.dense_params + state.get("disp_debt", 0.0)
+            counts = disp.allocate(shape, curves, max(0.0, target_removed), cfg.gqa, step)
+            state["disp_debt"] = target_removed - (target.dense_params - counts.params(shape))
+    kept: dict[str, torch.Tensor] = {}
+    stash = {"weights": {}, "biases": {}, "hessians": {}}  # what --disp-train needs to redo the dims
+
+    def keep_for_training(paths, hessians):
+        if cfg.disp_train:
+            for p in paths:
+                stash["weights"][p] = lin(p).weight.data.clone()
+                if lin(p).bias is not None:
+                    stash["biases"][p] = lin(p).bias.data.clone()
+            stash["hessians"].update(hessians)
+
+    with timer.stage("prune"):
+        H_o, attn_error = H[a.o], 0.0
+        if counts.q != a.num_heads or counts.kv != a.num_kv_heads:
+            heads = PruneHeads("slimgpt", cfg.gqa, cfg.head_score, cfg.compensate, cfg.percdamp)(
+                block, s, num_heads=counts.q, num_kv_heads=counts.kv, hessian=H_o)
+            MaterializeHeads()(block, s, result=heads)
+            cols = _head_rows(heads.kept_heads, a.head_dim)
+            H_o, attn_error = H_o[cols][:, cols], heads.error
+        keep_for_training([a.q, a.k, a.v, a.o], {"attn_in": H[a.q], "attn_out": H_o})
+        reads = PruneReadDims(cfg.percdamp)(block, s, paths=[a.q, a.k, a.v], keep=counts.attn_in, hessian=H[a.q])
+        apply_dims(block, reads)
+        writes = PruneWriteDims()(block, s, path=a.o, keep=counts.attn_out, hessian=H_o)
+        apply_dims(block, writes)
+        kept["attn_in"], kept["attn_out"] = reads.kept, writes.kept
+    # pass 2, the pruned attention in place: the MLP's reader Hessian, and down_proj's Hessian only if channels go
+    prune_channels = counts.inter != m.intermediate_size
+    with timer.stage("calibrate"), collect_hessians(block, [m.gate] + ([m.down] if prune_channels else []),
+                                                    output_energies=() if prune_channels else (m.down,)) as acc:
+        run_block(block, inputs, cfg.batch_size, device, keep_outputs=False)
+    with timer.stage("prune"):
+        ffn_error, down_energy = 0.0, None
+        if prune_channels:
+            H_down = acc[m.down].H
+            channels = PruneChannels("slimgpt", cfg.compensate, cfg.percdamp)(block, s, width=counts.inter, hessian=H_down)
+            MaterializeChannels()(block, s, result=channels)
+            H_down, ffn_error = H_down[channels.kept][:, channels.kept], channels.error
+        else:
+            H_down, down_energy = None, acc[m.down, "energy"].energy
+        keep_for_training([m.gate, m.up, m.down], {"mlp_in": acc[m.gate].H, "mlp_out": H_down if H_down is not None
+                                                   else down_energy})
+        reads = PruneReadDims(cfg.percdamp)(block, s, paths=[m.gate, m.up], keep=counts.mlp_in, hessian=acc[m.gate].H)
+        apply_dims(block, reads)
+        writes = PruneWriteDims()(block, s, path=m.down, keep=counts.mlp_out, hessian=H_down, energy=down_energy)
+        apply_dims(block, writes)
+        kept["mlp_in"], kept["mlp_out"] = reads.kept, writes.kept
+    with timer.stage("calibrate"):
+        out = run_block(block, inputs, cfg.batch_size, device)
+    params = counts.params(shape)
+    row = {"heads": counts.q, "kv_heads": counts.kv, "ffn": counts.inter,
+           **{f"{name}_dims": len(kept[name]) for name in INDEX_SETS},
+           "target_ratio": target.target_ratio, "ratio": 1 - params / target.dense_params,
+           "rel_error": _relative_error(out, dense_out), "attn_obs_error": attn_error, "ffn_obs_error": ffn_error,
+           "dense_heads": a.num_heads, "dense_ffn": m.intermediate_size, "hidden": hidden,
+           "index_sets": {name: idx for name, idx in kept.items() if len(idx) < hidden}}
+    if cfg.disp_train:
+        row["train_state"] = stash
+    return row, out
+
+
+def _learn_disp_masks(model, layers, structures: list[BlockStructure], rows: list[dict], shapes: list[BlockShape],
+                      plan: PruningPlan, samples: torch.Tensor, cfg: CompileConfig) -> dict:
+    """--disp-train: restore each block's weights from before its hidden dims were cut, learn the masks with the
+    hypernetwork (warm-started from the training-free selection, weights frozen), then cut the learned dims with
+    the same compensation as the training-free path. Leaves the new index sets in the rows."""
+    from .disp_train import MaskSites, train_masks
+
+    hidden = shapes[0].hidden_size
+    init_keep = torch.ones(len(layers), len(INDEX_SETS), hidden, dtype=torch.bool)
+    sites = []
+    for i, (block, s, row) in enumerate(zip(layers, structures, rows)):
+        state = row["train_state"]
+        for p, w in state["weights"].items():
+            block.get_submodule(p).weight.data.copy_(w)
+        for p, b in state["biases"].items():
+            block.get_submodule(p).bias.data.copy_(b)
+        for k, name in enumerate(INDEX_SETS):
+            if name in row["index_sets"]:
+                init_keep[i, k] = False
+                init_keep[i, k, row["index_sets"][name]] = True
+        sites.append(MaskSites(block.input_layernorm, block.get_submodule(s.attention.o),
+                               block.post_attention_layernorm, block.get_submodule(s.mlp.down)))
+    n = samples.shape[1] // cfg.disp_seq_len
+    windows = samples[:, : n * cfg.disp_seq_len].reshape(-1, cfg.disp_seq_len) if n else samples
+    widths = [(row["heads"], row["kv_heads"], row["ffn"]) for row in rows]
+    target = plan.block_params_dense * (1 - cfg.sparsity)
+    result = train_masks(model, sites, shapes, widths, init_keep, windows, cfg.disp_train, target,
+                         cfg.disp_lr, cfg.disp_lambda, cfg.seed, disp.MIN_DIMS)
+    for i, (block, s, row) in enumerate(zip(layers, structures, rows)):
+        a, m = s.attention, s.mlp
+        state = row.pop("train_state")
+        keep = {name: result.keep[i, k].nonzero().squeeze(1) for k, name in enumerate(INDEX_SETS)}
+        for name, paths, hessian in (("attn_in", [a.q, a.k, a.v], "attn_in"), ("mlp_in", [m.gate, m.up], "mlp_in")):
+            apply_dims(block, PruneReadDims(cfg.percdamp)(block, s, paths=paths, keep=len(keep[name]),
+                                                          hessian=state["hessians"][hessian], kept=keep[name]))
+        for name, path in (("attn_out", a.o), ("mlp_out", m.down)):
+            stats = state["hessians"][name]  # a Hessian, or (down_proj without channel pruning) output energies
+            apply_dims(block, PruneWriteDims()(block, s, path=path, keep=len(keep[name]), kept=keep[name],
+                                               **({"energy": stats} if stats.dim() == 1 else {"hessian": stats})))
+        row["index_sets"] = {name: idx for name, idx in keep.items() if len(idx) < hidden}
+        row.update({f"{name}_dims": len(idx) for name, idx in keep.items()})
+        params = shapes[i].disp_params(row["heads"], row["kv_heads"], row["ffn"], *(len(keep[n]) for n in INDEX_SETS))
+        row["ratio"] = 1 - params / plan.layers[i].dense_params
+    return {"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
+            "window_tokens": windows.shape[1], "loss_first": result.loss_first, "loss_last": result.loss_last,
+            "kept_over_target_last_step": result.kept_fraction_last, "dims_flipped": result.flipped,
+            "lr": cfg.disp_lr, "lambda": cfg.disp_lambda}
+
+
+def _record_disp_layers(plan: PruningPlan, rows: list[dict], shapes: list[BlockShape]) -> None:
+    """Write the widths each DISP block ended with into the plan (counts only; index sets go to the safetensors)."""
+    for layer, row, shape in zip(plan.layers, rows, shapes):
+        layer.num_attention_heads, layer.num_key_value_heads, layer.intermediate_size = row["heads"], row["kv_heads"], row["ffn"]
+        for name in INDEX_SETS:
+            setattr(layer, f"{name}_dims", row[f"{name}_dims"])
+        layer.params = shape.disp_params(row["heads"], row["kv_heads"], row["ffn"], *layer.dims(shape.hidden_size))
+    plan.block_params_pruned = sum(layer.params for layer in plan.layers)
 
 
 def _check_plan_fits(plan: PruningPlan, shapes: list[BlockShape]) -> None:
@@ -151,6 +324,28 @@ def _check_plan_fits(plan: PruningPlan, shapes: list[BlockShape]) -> None:
         if not (0 < q <= s.num_heads and 0 < kv <= s.num_kv_heads and 0 < f <= s.intermediate_size and q % kv == 0):
             raise SlimcError(f"plan layer {i} ({q} heads / {kv} KV heads / FFN {f}) does not fit the model "
                              f"({s.num_heads} / {s.num_kv_heads} / {s.intermediate_size})")
+        dims = [v for v in (layer.attn_in_dims, layer.attn_out_dims, layer.mlp_in_dims, layer.mlp_out_dims) if v is not None]
+        if any(not 0 < d <= s.hidden_size for d in dims):
+            raise SlimcError(f"plan layer {i} keeps {max(dims)} hidden dims but the model's hidden size is "
+                             f"{s.hidden_size}: the plan was made for a model of another width")
+
+
+def _reuse_plan(path: str, shapes: list[BlockShape], cfg: CompileConfig) -> tuple[PruningPlan, CompileConfig]:
+    """A saved plan's widths, re-counted on this model; its GQA mode and (for DISP) its method win."""
+    import dataclasses
+
+    plan = PruningPlan.load(path)
+    _check_plan_fits(plan, shapes)
+    is_disp = plan.method in DISP_METHODS and plan.layers[0].attn_in_dims is not None
+    for layer, s in zip(plan.layers, shapes):
+        widths = (layer.num_attention_heads, layer.num_key_value_heads, layer.intermediate_size)
+        layer.params = s.disp_params(*widths, *layer.dims(s.hidden_size)) if is_disp else s.params(*widths)
+        layer.dense_params = s.params(s.num_heads, s.num_kv_heads, s.intermediate_size)
+    plan.block_params_pruned = sum(layer.params for layer in plan.layers)
+    plan.block_params_dense = sum(layer.dense_params for layer in plan.layers)
+    # the plan's head counts were chosen for its own GQA mode, its hidden-dim counts by its own method
+    method = plan.method if is_disp else (cfg.method if cfg.method not in DISP_METHODS else "slimgpt")
+    return plan, dataclasses.replace(cfg, gqa=plan.gqa, method=method)
 
 
 @contextmanager
@@ -213,15 +408,9 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
                          f"over {cfg.tp} GPUs (vLLM checks the global head count)")
     with timer.stage("plan"):
         if cfg.plan:
-            plan = PruningPlan.load(cfg.plan)
-            _check_plan_fits(plan, shapes)
-            plan.layers = [LayerPlan(l.num_attention_heads, l.num_key_value_heads, l.intermediate_size,
-                                     l.target_ratio, s.params(l.num_attention_heads, l.num_key_value_heads, l.intermediate_size),
-                                     s.params(s.num_heads, s.num_kv_heads, s.intermediate_size))
-                           for l, s in zip(plan.layers, shapes)]
-            plan.block_params_pruned = sum(l.params for l in plan.layers)
-            plan.block_params_dense = sum(l.dense_params for l in plan.layers)
-            cfg.gqa = plan.gqa  # the plan's head counts were chosen for its own GQA mode
+            plan, cfg = _reuse_plan(cfg.plan, shapes, cfg)
+        elif cfg.method in DISP_METHODS:
+            plan = disp.solve_disp_plan(shapes, cfg.sparsity, cfg.schedule, cfg.method, cfg.gqa, cfg.align_ffn)
         else:
             plan = solve_plan(shapes, cfg.sparsity, cfg.schedule, cfg.gqa, cfg.align_ffn, cfg.tp, cfg.head_rounding)
         plan.source_model, plan.method, plan.seed, plan.slimc_version = cfg.model, cfg.method, cfg.seed, __version__
@@ -235,8 +424,17 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
         return CompileResult(output, {"plan": plan.to_dict()})
 
     params_before = sum(p.numel() for p in model.parameters())
-    rows = prune_blocks(loaded, structures, plan, inputs, cfg, timer)
+    rows = prune_blocks(loaded, structures, plan, inputs, cfg, timer, shapes)
     del inputs
+    disp_trained = None
+    if cfg.disp_train:
+        with timer.stage("disp-train"):
+            disp_trained = _learn_disp_masks(model, layers, structures, rows, shapes, plan, samples, cfg)
+    if cfg.method in DISP_METHODS:
+        _record_disp_layers(plan, rows, shapes)
+        with timer.stage("materialize"):
+            for block, s, row in zip(layers, structures, rows):
+                MaterializeDims()(block, s, index_sets=row.pop("index_sets"))
     distilled = None
     if cfg.distill_epochs:
         from .distill import distill
@@ -258,6 +456,8 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
     report = report_mod.build_report(cfg, plan, rows, params_before, params_after, timer.seconds, sample, chat_probe)
     if distilled:
         report["distill"] = distilled
+    if disp_trained:
+        report["disp_train"] = disp_trained
     with _staging_dir(output, cfg.overwrite) as tmp:
         if cfg.target == "vllm":
             from .exporters.vllm import write_vllm

@@ -35,9 +35,22 @@ class BlockShape:
     kv_head_params: int  # k and v rows (+ biases) of one KV head
     channel_params: int  # gate and up rows + down column (+ biases) of one FFN channel
     other_params: int = 0  # block linear params not tied to any unit (e.g. o_proj/down_proj bias)
+    hidden_size: int = 0  # residual width (needed to count DISP's hidden dims)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    gate_up_bias: bool = False
+    down_bias: bool = False
 
     def params(self, q: int, kv: int, inter: int) -> int:
         return q * self.q_head_params + kv * self.kv_head_params + inter * self.channel_params + self.other_params
+
+    def disp_params(self, q: int, kv: int, inter: int, attn_in: int, attn_out: int, mlp_in: int, mlp_out: int) -> int:
+        """Parameters of a block that reads attn_in / mlp_in and writes attn_out / mlp_out hidden dims: every
+        hidden dim counts the columns (reads) or rows (writes) it removes. Equals params() at full width."""
+        d = self.head_dim
+        attention = (q + 2 * kv) * d * (attn_in + self.qkv_bias) + attn_out * (q * d + self.o_bias)
+        mlp = 2 * inter * (mlp_in + self.gate_up_bias) + mlp_out * (inter + self.down_bias)
+        return attention + mlp
 
 
 @dataclass
@@ -48,6 +61,15 @@ class LayerPlan:
     target_ratio: float = 0.0
     params: int = 0
     dense_params: int = 0
+    # DISP: hidden dims the block reads / writes (None: the whole residual; methods without DISP)
+    attn_in_dims: int | None = None
+    attn_out_dims: int | None = None
+    mlp_in_dims: int | None = None
+    mlp_out_dims: int | None = None
+
+    def dims(self, hidden: int) -> tuple[int, int, int, int]:
+        return tuple(hidden if v is None else v for v in (self.attn_in_dims, self.attn_out_dims,
+                                                          self.mlp_in_dims, self.mlp_out_dims))
 
     @property
     def ratio(self) -> float:

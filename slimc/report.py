@@ -59,11 +59,17 @@ def format_plan(plan: PruningPlan) -> str:
     return "\n".join(lines)
 
 
+DIM_COLUMNS = (("attn_in_dims", "a.in"), ("attn_out_dims", "a.out"), ("mlp_in_dims", "m.in"), ("mlp_out_dims", "m.out"))
+
+
 def format_report(r: dict) -> str:
     p = r["params"]
-    lines = [f"{'layer':>5} {'heads':>6} {'kv':>4} {'ffn':>6} {'ratio':>7} {'rel.err':>9}"]
+    disp = any("attn_in_dims" in row for row in r["layers"])
+    dims_head = "".join(f" {title:>6}" for _, title in DIM_COLUMNS) if disp else ""
+    lines = [f"{'layer':>5} {'heads':>6} {'kv':>4} {'ffn':>6}{dims_head} {'ratio':>7} {'rel.err':>9}"]
     for row in r["layers"]:
-        lines.append(f"{row['layer']:>5} {row['heads']:>6} {row['kv_heads']:>4} {row['ffn']:>6} "
+        dims = "".join(f" {row[key]:>6}" for key, _ in DIM_COLUMNS) if disp else ""
+        lines.append(f"{row['layer']:>5} {row['heads']:>6} {row['kv_heads']:>4} {row['ffn']:>6}{dims} "
                      f"{row['ratio']:>7.3f} {row['rel_error']:>9.4f}")
     lines += [
         f"decoder-block params: {p['blocks_before']:,} -> {p['blocks_after']:,} "
@@ -73,11 +79,21 @@ def format_report(r: dict) -> str:
         "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["seconds"].items()),
         f"sample: {r['sample']!r}",
     ]
+    lines += disp_train_lines(r)
     lines += chat_lines(r)
     warning = chat_warning(r)
     if warning:
         lines.append(warning)
     return "\n".join(lines)
+
+
+def disp_train_lines(r: dict) -> list[str]:
+    t = r.get("disp_train")
+    if not t:
+        return []
+    return [f"disp-train: {t['steps']} steps x {t['window_tokens']} tokens ({t['tokens']:,} tokens) in {t['seconds']:.0f}s; "
+            f"loss {t['loss_first']:.3f} -> {t['loss_last']:.3f}; {t['dims_flipped']} hidden-dim choices changed "
+            f"from the training-free selection"]
 
 
 def chat_lines(r: dict) -> list[str]:
@@ -114,7 +130,7 @@ def model_card(r: dict) -> str:
         f"{sum(row['rel_error'] for row in r['layers']) / max(len(r['layers']), 1):.4f}",
         f"- plain-text sample: {r['sample']!r}",
     ]
-    lines += [f"- {line}" for line in chat_lines(r)]
+    lines += [f"- {line}" for line in disp_train_lines(r) + chat_lines(r)]
     warning = chat_warning(r)
     if warning:
         lines += ["", f"**{warning}**"]
@@ -142,7 +158,8 @@ def model_card(r: dict) -> str:
 
 
 def plot_widths(r: dict, path: Path) -> None:
-    """Per-layer kept fraction of heads and FFN channels, and the layer's parameter ratio."""
+    """Per-layer kept fraction of heads, FFN channels and (DISP) the hidden dims each block reads and writes,
+    and the layer's parameter ratio."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,6 +170,9 @@ def plot_widths(r: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.plot(layers, [row["heads"] / row["dense_heads"] for row in rows], "o-", label="query heads kept")
     ax.plot(layers, [row["ffn"] / row["dense_ffn"] for row in rows], "s-", label="FFN channels kept")
+    for (key, title), marker in zip(DIM_COLUMNS, "^v<>"):
+        if key in rows[0]:
+            ax.plot(layers, [row[key] / row["hidden"] for row in rows], marker + ":", label=f"hidden dims {title}")
     ax.plot(layers, [1 - row["ratio"] for row in rows], "--", label="block params kept")
     ax.set_xlabel("layer")
     ax.set_ylabel("fraction kept")

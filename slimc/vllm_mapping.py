@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from slimc.errors import SlimcError
+from slimc.layout import DIM_KEYS, INDEX_SETS, index_buffer, layer_layouts
 
 # config.json `architectures[0]` -> base family. All four are served by slimc.vllm_model on vLLM's own Llama
 # (or Mistral) building blocks; see that module for why Qwen2/Qwen3 do not reuse vLLM's Qwen classes.
@@ -42,7 +43,7 @@ _PER_LAYER = (
 )
 _CONFIG_KEYS = ("model_type", "architectures", "slimc_base_model_type", "num_hidden_layers", "hidden_size",
                 "num_attention_heads", "num_key_value_heads", "intermediate_size", "head_dim", "vocab_size",
-                "tie_word_embeddings", "attention_bias", "mlp_bias") + tuple(k for _, k in _PER_LAYER)
+                "tie_word_embeddings", "attention_bias", "mlp_bias") + tuple(k for _, k in _PER_LAYER) + DIM_KEYS
 
 
 def _as_dict(config: Mapping[str, Any] | Any) -> dict[str, Any]:
@@ -138,21 +139,25 @@ def hf_param_shapes(config: Mapping[str, Any] | Any) -> dict[str, tuple[int, ...
     qkv_bias, o_bias, mlp_bias = _biases(c, family)
     hidden, vocab = c["hidden_size"], c["vocab_size"]
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i, layer in enumerate(per_layer_overrides(c)):
+    for i, (layer, lay) in enumerate(zip(per_layer_overrides(c), layer_layouts(c))):
         p = f"model.layers.{i}."
         hd, q, kv, ffn = layer["head_dim"], layer["num_attention_heads"], layer["num_key_value_heads"], \
             layer["intermediate_size"]
         for proj, rows in (("q_proj", q * hd), ("k_proj", kv * hd), ("v_proj", kv * hd)):
-            shapes[f"{p}self_attn.{proj}.weight"] = (rows, hidden)
+            shapes[f"{p}self_attn.{proj}.weight"] = (rows, lay.attn_in_dims)
             if qkv_bias:
                 shapes[f"{p}self_attn.{proj}.bias"] = (rows,)
-        shapes[f"{p}self_attn.o_proj.weight"] = (hidden, q * hd)
+        shapes[f"{p}self_attn.o_proj.weight"] = (lay.attn_out_dims, q * hd)
         if o_bias:
-            shapes[f"{p}self_attn.o_proj.bias"] = (hidden,)
+            shapes[f"{p}self_attn.o_proj.bias"] = (lay.attn_out_dims,)
+        for name in INDEX_SETS:
+            if lay.has_index(name):
+                shapes[f"{p}{index_buffer(name)}"] = (lay.dims(name),)
         if family == "qwen3":
             shapes[f"{p}self_attn.q_norm.weight"] = (hd,)
             shapes[f"{p}self_attn.k_norm.weight"] = (hd,)
-        for proj, shape in (("gate_proj", (ffn, hidden)), ("up_proj", (ffn, hidden)), ("down_proj", (hidden, ffn))):
+        for proj, shape in (("gate_proj", (ffn, lay.mlp_in_dims)), ("up_proj", (ffn, lay.mlp_in_dims)),
+                            ("down_proj", (lay.mlp_out_dims, ffn))):
             shapes[f"{p}mlp.{proj}.weight"] = shape
             if mlp_bias:
                 shapes[f"{p}mlp.{proj}.bias"] = shape[:1]
@@ -177,24 +182,24 @@ def expected_vllm_params(config: Mapping[str, Any] | Any) -> dict[str, tuple[int
     qkv_bias, o_bias, mlp_bias = _biases(c, family)
     hidden, vocab = c["hidden_size"], c["vocab_size"]
     params: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i, layer in enumerate(per_layer_overrides(c)):
+    for i, (layer, lay) in enumerate(zip(per_layer_overrides(c), layer_layouts(c))):
         p = f"model.layers.{i}."
         hd, q, kv, ffn = layer["head_dim"], layer["num_attention_heads"], layer["num_key_value_heads"], \
             layer["intermediate_size"]
-        params[f"{p}self_attn.qkv_proj.weight"] = ((q + 2 * kv) * hd, hidden)
+        params[f"{p}self_attn.qkv_proj.weight"] = ((q + 2 * kv) * hd, lay.attn_in_dims)
         if qkv_bias:
             params[f"{p}self_attn.qkv_proj.bias"] = ((q + 2 * kv) * hd,)
-        params[f"{p}self_attn.o_proj.weight"] = (hidden, q * hd)
+        params[f"{p}self_attn.o_proj.weight"] = (lay.attn_out_dims, q * hd)
         if o_bias:
-            params[f"{p}self_attn.o_proj.bias"] = (hidden,)
+            params[f"{p}self_attn.o_proj.bias"] = (lay.attn_out_dims,)
         if family == "qwen3":
             params[f"{p}self_attn.q_norm.weight"] = (hd,)
             params[f"{p}self_attn.k_norm.weight"] = (hd,)
-        params[f"{p}mlp.gate_up_proj.weight"] = (2 * ffn, hidden)
-        params[f"{p}mlp.down_proj.weight"] = (hidden, ffn)
+        params[f"{p}mlp.gate_up_proj.weight"] = (2 * ffn, lay.mlp_in_dims)
+        params[f"{p}mlp.down_proj.weight"] = (lay.mlp_out_dims, ffn)
         if mlp_bias:
             params[f"{p}mlp.gate_up_proj.bias"] = (2 * ffn,)
-            params[f"{p}mlp.down_proj.bias"] = (hidden,)
+            params[f"{p}mlp.down_proj.bias"] = (lay.mlp_out_dims,)
         params[f"{p}input_layernorm.weight"] = (hidden,)
         params[f"{p}post_attention_layernorm.weight"] = (hidden,)
     params["model.norm.weight"] = (hidden,)
@@ -222,7 +227,10 @@ def stack_hf_shapes(hf_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple
     """
     shards: dict[str, dict[str | int, tuple[int, ...]]] = {}
     out: dict[str, tuple[int, ...]] = {}
+    index_suffixes = tuple(f".{index_buffer(n)}" for n in INDEX_SETS)
     for name, shape in hf_shapes.items():
+        if name.endswith(index_suffixes):  # DISP index sets: buffers in vLLM's layer, not parameters
+            continue
         vname, shard = hf_to_vllm_name(name)
         if shard is None:
             out[vname] = tuple(shape)

@@ -33,16 +33,25 @@ Qwen2/Qwen3 are served on vLLM's Llama blocks, not on vLLM's Qwen classes: Qwen2
 as hidden_size // num_heads (wrong once heads are pruned) and Qwen3ForCausalLM hard-codes its model and (in
 0.26) its layer class. Qwen2 = Llama layer with biased q/k/v and unbiased o_proj (LlamaDecoderLayer's
 `qkv_bias` hook); Qwen3 = Llama layer whose attention adds Qwen3's per-head RMSNorm on q and k before RoPE.
+
+DISP layers (a checkpoint whose config has layer_attn_in_dims etc. below hidden_size): the layer's q/k/v and
+gate/up read only their index set of the normalized residual (`index_select`) and o_proj / down_proj write
+only theirs (`index_add`), with vLLM's own parallel linears built at those widths (`_DispLayer`). vLLM's layer
+convention is kept: a layer returns (hidden_states, residual) whose sum is the residual stream, so the fused
+add + RMSNorm of the next layer and of the final norm work unchanged.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralDecoderLayer, MistralForCausalLM
 
+from slimc.layout import INDEX_SETS, index_buffer, layer_layouts
 from slimc.vllm_mapping import layer_config
 
 
@@ -52,13 +61,66 @@ def _config_for(vllm_config: Any, prefix: str, config: Any) -> Any:
     return layer_config(base, int(prefix.rsplit(".", 1)[-1]))
 
 
-class SlimcLlamaDecoderLayer(LlamaDecoderLayer):
-    """vLLM's Llama decoder layer built with this layer's own widths."""
+class _DispLayer:
+    """Mixed in before a vLLM decoder layer: narrows its projections to the layer's hidden-dim index sets and
+    runs the DISP forward. A layer without index sets is the vLLM layer, untouched."""
+
+    def _setup_disp(self, vllm_config: Any, prefix: str, config: Any) -> None:
+        base = config if config is not None else vllm_config.model_config.hf_config
+        layout = layer_layouts(base)[int(prefix.rsplit(".", 1)[-1])]
+        self.disp = layout.is_disp
+        quant, attn, mlp = vllm_config.quant_config, self.self_attn, self.mlp
+        if layout.has_index("attn_in"):
+            attn.qkv_proj = QKVParallelLinear(
+                hidden_size=layout.attn_in_dims, head_size=attn.head_dim, total_num_heads=attn.total_num_heads,
+                total_num_kv_heads=attn.total_num_kv_heads, bias=attn.qkv_proj.bias is not None,
+                quant_config=quant, prefix=f"{prefix}.self_attn.qkv_proj")
+        if layout.has_index("attn_out"):
+            attn.o_proj = RowParallelLinear(
+                input_size=attn.total_num_heads * attn.head_dim, output_size=layout.attn_out_dims,
+                bias=attn.o_proj.bias is not None, quant_config=quant, prefix=f"{prefix}.self_attn.o_proj")
+        if layout.has_index("mlp_in"):
+            mlp.gate_up_proj = MergedColumnParallelLinear(
+                input_size=layout.mlp_in_dims, output_sizes=[layout.intermediate_size] * 2,
+                bias=mlp.gate_up_proj.bias is not None, quant_config=quant, prefix=f"{prefix}.mlp.gate_up_proj")
+        if layout.has_index("mlp_out"):
+            mlp.down_proj = RowParallelLinear(
+                input_size=layout.intermediate_size, output_size=layout.mlp_out_dims,
+                bias=mlp.down_proj.bias is not None, quant_config=quant, prefix=f"{prefix}.mlp.down_proj")
+        for name in INDEX_SETS:
+            index = torch.zeros(layout.dims(name), dtype=torch.long) if layout.has_index(name) else None
+            self.register_buffer(index_buffer(name), index)  # filled by SlimcLlamaForCausalLM.load_weights
+
+    @staticmethod
+    def _read(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        return x if index is None else x.index_select(-1, index)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.disp:
+            return super().forward(positions, hidden_states, residual)
+        # h: the whole residual stream (vLLM hands it over split in two: hidden_states + residual)
+        if residual is None:
+            h, x = hidden_states, self.input_layernorm(hidden_states)
+        else:
+            x, h = self.input_layernorm(hidden_states, residual)
+        y = self.self_attn(positions=positions, hidden_states=self._read(x, self.attn_in_index))
+        h = h + y if self.attn_out_index is None else h.index_add(-1, self.attn_out_index, y)
+
+        y = self.mlp(self._read(self.post_attention_layernorm(h), self.mlp_in_index))
+        if self.mlp_out_index is None:
+            return y, h
+        return torch.zeros_like(h).index_add_(-1, self.mlp_out_index, y), h
+
+
+class SlimcLlamaDecoderLayer(_DispLayer, LlamaDecoderLayer):
+    """vLLM's Llama decoder layer built with this layer's own widths (and index sets, for DISP)."""
 
     def __init__(self, vllm_config: Any, prefix: str = "", config: Any = None,
                  attn_layer_type: type[torch.nn.Module] = LlamaAttention) -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, config=_config_for(vllm_config, prefix, config),
                          attn_layer_type=attn_layer_type)
+        self._setup_disp(vllm_config, prefix, config)
 
 
 class SlimcQwen3Attention(LlamaAttention):
@@ -85,17 +147,38 @@ class SlimcQwen3DecoderLayer(SlimcLlamaDecoderLayer):
         super().__init__(vllm_config, prefix, config, attn_layer_type=SlimcQwen3Attention)
 
 
-class SlimcMistralDecoderLayer(MistralDecoderLayer):
+class SlimcMistralDecoderLayer(_DispLayer, MistralDecoderLayer):
     """vLLM's Mistral decoder layer (Llama layer + Mistral attention extras) with this layer's own widths."""
 
     def __init__(self, vllm_config: Any, prefix: str = "", config: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, config=_config_for(vllm_config, prefix, config))
+        self._setup_disp(vllm_config, prefix, config)
+
+
+def _load_with_index_sets(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]], load) -> set[str]:
+    """Copy the DISP index sets (`model.layers.{i}.attn_in_index`, ...) into their layer buffers; every other
+    tensor goes to vLLM's own loader."""
+    suffixes = tuple(f".{index_buffer(name)}" for name in INDEX_SETS)
+    loaded: set[str] = set()
+
+    def rest():
+        for name, tensor in weights:
+            if name.endswith(suffixes):
+                model.get_buffer(name).copy_(tensor)
+                loaded.add(name)
+            else:
+                yield name, tensor
+
+    return load(rest()) | loaded
 
 
 class SlimcLlamaForCausalLM(LlamaForCausalLM):
     def __init__(self, *, vllm_config: Any, prefix: str = "",
                  layer_type: type[torch.nn.Module] = SlimcLlamaDecoderLayer) -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return _load_with_index_sets(self, weights, super().load_weights)
 
 
 class SlimcQwen2ForCausalLM(SlimcLlamaForCausalLM):
@@ -112,3 +195,6 @@ class SlimcMistralForCausalLM(MistralForCausalLM):
     def __init__(self, *, vllm_config: Any, prefix: str = "",
                  layer_type: type[torch.nn.Module] = SlimcMistralDecoderLayer) -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return _load_with_index_sets(self, weights, super().load_weights)

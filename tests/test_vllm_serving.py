@@ -70,7 +70,7 @@ def _serve_and_check(out: Path, tensor_parallel_size: int = 1, env: dict | None 
         assert got["loaded"]["params"] == {n: list(s) for n, s in expected_vllm_params(config).items()}
 
     # teacher-forced on vLLM's tokens, transformers (slimc's own model class) must rank each of them first
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=True).eval()
     for ids, new in zip(PROMPTS, got["tokens"]):
         assert len(new) == NEW_TOKENS
         with torch.no_grad():
@@ -106,3 +106,14 @@ def test_vllm_serves_tp2_compile_with_tensor_parallel_2(tmp_path):
                               config["layer_intermediate_size"]):
         assert heads % 2 == 0 and (kv % 2 == 0 or 2 % kv == 0) and ffn % 2 == 0
     _serve_and_check(out, tensor_parallel_size=2, env=env)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_vllm_serves_disp_model_like_transformers(family, tmp_path):
+    """DISP (slimgpt+disp): the plugin's layers read and write their own hidden-dim index sets."""
+    from slimc.layout import DIM_KEYS
+
+    out = _compile(tmp_path, family, method="slimgpt+disp")
+    config = json.loads((out / "config.json").read_text())
+    assert any(d < config["hidden_size"] for key in DIM_KEYS for d in config[key]), config
+    _serve_and_check(out)
