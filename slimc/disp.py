@@ -144,11 +144,14 @@ def allocate(shape: BlockShape, curves: dict[str, torch.Tensor], target_removed:
 
 
 def site_curves(W_qkv, H_attn_in, attn_out_energy, W_gu, H_mlp_in, mlp_out_energy, heads: tuple | None = None,
-                channels: tuple | None = None, percdamp: float = 0.01, dim_step: int = 8) -> dict[str, torch.Tensor]:
+                channels: tuple | None = None, percdamp: float = 0.01, dim_step: int = 16,
+                channel_step: int = 32) -> dict[str, torch.Tensor]:
     """Per-unit error curves of a dense block's sites, in removal order, all in residual-stream error (module doc).
 
     *_out_energy: per-row output energy of o_proj / down_proj (H's units). Read dims follow the OBS greedy path
-    (`obs.greedy_column_curve`, `dim_step` columns a round), write rows are exact (rows are independent).
+    (`obs.greedy_column_curve`, `dim_step` columns a round; FFN channels `channel_step`), write rows are exact.
+    The read curves' scale is a proxy (sublayer output energy / projection output energy); the pipeline replaces
+    it by a measured one (`pipeline._measure_read_curves`).
     heads: (W_o, H_o, num_heads, num_kv_heads, head_dim, gqa) adds the heads site (SlimGPT's grouped greedy);
     channels: (W_down, H_down, step) the FFN-channel site, in units of `step` channels (slimgpt+disp)."""
     hidden = W_qkv.shape[1]
@@ -165,7 +168,7 @@ def site_curves(W_qkv, H_attn_in, attn_out_energy, W_gu, H_mlp_in, mlp_out_energ
         curves["heads"] = head_unit_errors(*heads, percdamp=percdamp)
     if channels is not None:
         W_down, H_down, step = channels
-        curve = obs.greedy_column_curve(W_down, H_down, W_down.shape[1] - step, max(step, dim_step), percdamp)
+        curve = obs.greedy_column_curve(W_down, H_down, W_down.shape[1] - step, max(step, channel_step), percdamp)
         curves["channels"] = curve[: len(curve) // step * step].view(-1, step).sum(1)
     return curves
 

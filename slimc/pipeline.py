@@ -192,6 +192,7 @@ def _prune_block_disp(block, s: BlockStructure, shape: BlockShape, target: Layer
                 torch.cat([lin(p).weight.data for p in (m.gate, m.up)]), H[m.gate], acc[m.down, "energy"].energy,
                 heads=(lin(a.o).weight.data, H[a.o], a.num_heads, a.num_kv_heads, a.head_dim, cfg.gqa) if with_heads else None,
                 channels=(lin(m.down).weight.data, H[m.down], step) if with_heads else None, percdamp=cfg.percdamp)
+            _measure_read_curves(block, s, curves, H, inputs, dense_out, cfg, device)
             # what earlier blocks removed above or below their own targets is carried to this one, so the
             # whole model lands on --sparsity although each block moves in whole units
             target_removed = target.target_ratio * target.dense_params + state.get("disp_debt", 0.0)
@@ -304,6 +305,30 @@ def _learn_disp_masks(model, layers, structures: list[BlockStructure], rows: lis
             "window_tokens": windows.shape[1], "loss_first": result.loss_first, "loss_last": result.loss_last,
             "kept_over_target_last_step": result.kept_fraction_last, "dims_flipped": result.flipped,
             "lr": cfg.disp_lr, "lambda": cfg.disp_lambda}
+
+
+READ_PROBE_WINDOWS = 8  # calibration windows the read-curve probe runs the block on
+
+
+def _measure_read_curves(block, s: BlockStructure, curves: dict, H: dict, inputs, dense_out: torch.Tensor,
+                         cfg: CompileConfig, device) -> None:
+    """Put the read-dim curves on a measured scale. A read site's curve is exact in its projections' outputs, but
+    what that costs the block's output is not linear: q/k errors pass through the softmax, gate/up errors through
+    the activation and the product. So cut half of the site's dims (OBS, compensated), run the block on a few
+    windows, and scale the curve so its first half sums to the block-output error actually measured (H's units)."""
+    a, m = s.attention, s.mlp
+    k = min(READ_PROBE_WINDOWS, inputs.hidden.shape[0])
+    probe_inputs, reference = BlockInputs(inputs.hidden[:k], inputs.kwargs), dense_out[:k]
+    for site, paths, hessian in (("attn_in", [a.q, a.k, a.v], H[a.q]), ("mlp_in", [m.gate, m.up], H[m.gate])):
+        width = block.get_submodule(paths[0]).in_features
+        cut = width // 2
+        saved = {p: block.get_submodule(p).weight.data.clone() for p in paths}
+        apply_dims(block, PruneReadDims(cfg.percdamp)(block, s, paths=paths, keep=width - cut, hessian=hessian))
+        out = run_block(block, probe_inputs, cfg.batch_size, device)
+        for p, w in saved.items():
+            block.get_submodule(p).weight.data.copy_(w)
+        measured = 2 / (reference.shape[0] * reference.shape[1]) * float((out - reference).double().pow(2).sum())
+        curves[site] = curves[site] * (measured / max(float(curves[site][:cut].sum()), 1e-30))
 
 
 def _record_disp_layers(plan: PruningPlan, rows: list[dict], shapes: list[BlockShape]) -> None:

@@ -69,6 +69,8 @@ class _DispLayer:
         base = config if config is not None else vllm_config.model_config.hf_config
         layout = layer_layouts(base)[int(prefix.rsplit(".", 1)[-1])]
         self.disp = layout.is_disp
+        if self.disp and getattr(self, "ada_rms_norm_t_cond", None) is not None:
+            raise ValueError("slimc DISP layers do not support Mistral's ada_rms_norm_t_cond (time-conditioned norm)")
         quant, attn, mlp = vllm_config.quant_config, self.self_attn, self.mlp
         if layout.has_index("attn_in"):
             attn.qkv_proj = QKVParallelLinear(
@@ -96,9 +98,9 @@ class _DispLayer:
         return x if index is None else x.index_select(-1, index)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
-                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.disp:
-            return super().forward(positions, hidden_states, residual)
+                residual: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.disp:  # kwargs: what the family's layer takes besides (e.g. Mistral's t_cond)
+            return super().forward(positions, hidden_states, residual, **kwargs)
         # h: the whole residual stream (vLLM hands it over split in two: hidden_states + residual)
         if residual is None:
             h, x = hidden_states, self.input_layernorm(hidden_states)
