@@ -28,12 +28,15 @@ def main() -> None:
     p.add_argument("--against", default=None)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--decode-steps", type=int, default=16)
+    p.add_argument("--prompts", default="128,512,2048", help="prefill lengths")
+    p.add_argument("--batches", default="1,8", help="decode batch sizes")
     p.add_argument("--json", default="bench-out/onnx_speed.json")
     args = p.parse_args()
     results = {}
     for out in map(Path, args.outputs):
         ensure_onnx(out)
-        r = run_bench(str(out), "onnxruntime", args.against, reps=args.reps, decode_steps=args.decode_steps)
+        r = run_bench(str(out), "onnxruntime", args.against, prompts=tuple(map(int, args.prompts.split(","))),
+                      batches=tuple(map(int, args.batches.split(","))), reps=args.reps, decode_steps=args.decode_steps)
         print(format_bench(r), flush=True)
         results[out.name] = r
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

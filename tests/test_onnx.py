@@ -68,10 +68,18 @@ def test_flop_count_by_hand():
 
 @pytest.fixture(scope="module")
 def onnx_disp_out(tiny_dir, tmp_path_factory):  # noqa: F811
-    out = tmp_path_factory.mktemp("onnx-disp") / "out"
-    res = slimc.compile(str(tiny_dir), str(out), 0.4, target="onnx", method="slimgpt+disp",
-                        calib=str(tiny_dir.parent / "calib.txt"), calib_samples=8, seq_len=32, keep_model=True)
-    return out, res
+    """A slimgpt+disp compile whose plan is then edited so that every index set occurs (what the allocator picks
+    on a random tiny model is arbitrary), recompiled from that plan to ONNX."""
+    d = tmp_path_factory.mktemp("onnx-disp")
+    calib = dict(calib=str(tiny_dir.parent / "calib.txt"), calib_samples=8, seq_len=32)
+    slimc.compile(str(tiny_dir), str(d / "plan"), 0.4, method="slimgpt+disp", **calib)
+    plan = json.loads((d / "plan" / "slimc_plan.json").read_text())
+    for i, layer in enumerate(plan["layers"]):
+        layer.update(attn_in_dims=40 + i, attn_out_dims=50 - i, mlp_in_dims=44, mlp_out_dims=60 - 2 * i)
+    (d / "plan.json").write_text(json.dumps(plan))
+    res = slimc.compile(str(tiny_dir), str(d / "out"), 0.4, target="onnx", plan=str(d / "plan.json"),
+                        keep_model=True, **calib)
+    return d / "out", res
 
 
 def test_onnx_disp_model_gathers_and_scatters_and_decodes_like_torch(onnx_disp_out):

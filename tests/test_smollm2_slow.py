@@ -105,3 +105,17 @@ def test_onnx_export_of_pruned_smollm2_matches_torch(pruned, tmp_path):
         want = pruned.model.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
     assert relative_diff(torch.from_numpy(logits.numpy()), ref) < PARITY_RTOL
     assert dec.greedy(prompt, 16) == want[0, len(prompt):].tolist()
+
+
+def test_slimgpt_disp_20_on_the_real_model(dense, tmp_path_factory):
+    """--method slimgpt+disp on SmolLM2: hits the ratio, stays within 2x dense perplexity, and the written
+    checkpoint (hidden-dim index sets included) reloads to the same logits."""
+    loaded, windows, dense_ppl = dense
+    out = tmp_path_factory.mktemp("smol") / "slimgpt-disp-20"
+    res = slimc.compile("smollm2-135m", str(out), 0.2, method="slimgpt+disp", keep_model=True, **CALIB)
+    assert abs(res.report["params"]["blocks_reduction"] - 0.2) <= 0.01
+    ppl = perplexity(res.model, windows, progress=False)["ppl"]
+    assert ppl < 2 * dense_ppl, (ppl, dense_ppl)
+    reloaded = load_model(str(out), allow_slimc=True).model
+    with torch.no_grad():
+        assert torch.allclose(reloaded(windows[:1, :64]).logits, res.model(windows[:1, :64]).logits, atol=1e-4)

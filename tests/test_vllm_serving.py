@@ -110,10 +110,19 @@ def test_vllm_serves_tp2_compile_with_tensor_parallel_2(tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 def test_vllm_serves_disp_model_like_transformers(family, tmp_path):
-    """DISP (slimgpt+disp): the plugin's layers read and write their own hidden-dim index sets."""
+    """DISP (slimgpt+disp): the plugin's layers read and write their own hidden-dim index sets. The plan is edited
+    so every index set occurs in every layer (what the allocator picks on a random tiny model is arbitrary)."""
+    import slimc
     from slimc.layout import DIM_KEYS
 
-    out = _compile(tmp_path, family, method="slimgpt+disp")
+    first = _compile(tmp_path / "plan", family, method="slimgpt+disp")
+    plan = json.loads((first / "slimc_plan.json").read_text())
+    for i, layer in enumerate(plan["layers"]):
+        layer.update(attn_in_dims=90 + i, attn_out_dims=100 - i, mlp_in_dims=80, mlp_out_dims=110 - 3 * i)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    out = slimc.compile(str(tmp_path / "plan" / "src"), str(tmp_path / "out"), target="vllm",
+                        plan=str(tmp_path / "plan.json"), calib=str(tmp_path / "plan" / "calib.txt"),
+                        calib_samples=8, seq_len=32).output
     config = json.loads((out / "config.json").read_text())
-    assert any(d < config["hidden_size"] for key in DIM_KEYS for d in config[key]), config
+    assert all(d < config["hidden_size"] for key in DIM_KEYS for d in config[key]), config
     _serve_and_check(out)
