@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from slimc.errors import SlimcError
+from slimc.layout import global_head_dim, layer_layouts
 
 ONNX_DIR = "onnx"
 ONNX_FILE = "model.onnx"
@@ -26,12 +27,11 @@ PARITY_RTOL = 1e-4
 
 
 def kv_layout(config) -> list[int]:
-    n = config.num_hidden_layers
-    return list(getattr(config, "layer_num_key_value_heads", None) or [config.num_key_value_heads] * n)
+    return [layout.num_key_value_heads for layout in layer_layouts(config)]
 
 
 def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return global_head_dim(config)
 
 
 class _DecoderWithCache(nn.Module):

@@ -290,9 +290,9 @@ def _learn_disp_masks(model, layers, structures: list[BlockStructure], rows: lis
         a, m = s.attention, s.mlp
         state = row.pop("train_state")
         keep = {name: result.keep[i, k].nonzero().squeeze(1) for k, name in enumerate(INDEX_SETS)}
-        for name, paths, hessian in (("attn_in", [a.q, a.k, a.v], "attn_in"), ("mlp_in", [m.gate, m.up], "mlp_in")):
+        for name, paths in (("attn_in", [a.q, a.k, a.v]), ("mlp_in", [m.gate, m.up])):
             apply_dims(block, PruneReadDims(cfg.percdamp)(block, s, paths=paths, keep=len(keep[name]),
-                                                          hessian=state["hessians"][hessian], kept=keep[name]))
+                                                          hessian=state["hessians"][name], kept=keep[name]))
         for name, path in (("attn_out", a.o), ("mlp_out", m.down)):
             stats = state["hessians"][name]  # a Hessian, or (down_proj without channel pruning) output energies
             apply_dims(block, PruneWriteDims()(block, s, path=path, keep=len(keep[name]), kept=keep[name],

@@ -72,3 +72,30 @@ class ByteTokenizer:
 @pytest.fixture
 def tiny_llama():
     return tiny_model("llama")
+
+
+def reload_without_slimc(out, ids, tmp_path):
+    """Load OUT in a fresh interpreter where importing slimc fails (only transformers and the checkpoint's own
+    files), tokenizer too, stdin closed so nothing may ask a question; returns (logits of `ids`, the words it
+    printed: tokenizer class, model class, parameter count, and everything it wrote)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    torch.save(ids, tmp_path / "ids.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.modules["slimc"] = None
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained({str(out)!r})
+        m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
+        with torch.no_grad():
+            torch.save(m(torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'logits.pt')!r})
+        print(type(tok).__name__, type(m).__name__, sum(p.numel() for p in m.parameters()))
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          stdin=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return torch.load(tmp_path / "logits.pt"), proc.stdout.split(), proc.stdout + proc.stderr

@@ -1,9 +1,6 @@
 """End to end on a tiny random model: compile -> reload in a fresh process without slimc -> same logits."""
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -12,7 +9,7 @@ import slimc
 from slimc.cli import main
 from slimc.errors import SlimcError
 
-from conftest import save_tiny_dir
+from conftest import reload_without_slimc, save_tiny_dir
 
 TEXT = " ".join(f"word{i % 97} and thing{i % 13}." for i in range(3000))
 
@@ -47,24 +44,10 @@ def test_compile_reload_without_slimc_same_logits(tiny_dir, tmp_path):
     ids = torch.randint(0, 140, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = res.model(ids).logits
-    torch.save(ids, tmp_path / "ids.pt")
     # a fresh interpreter where importing slimc fails: only transformers + the checkpoint's own modeling file
-    script = textwrap.dedent(f"""
-        import sys, torch
-        sys.modules["slimc"] = None
-        from transformers import AutoModelForCausalLM
-        m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
-        ids = torch.load({str(tmp_path / 'ids.pt')!r})
-        with torch.no_grad():
-            torch.save(m(ids).logits, {str(tmp_path / 'logits.pt')!r})
-        print(type(m).__name__, sum(p.numel() for p in m.parameters()))
-    """)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    name, n_params = proc.stdout.split()
+    logits, (_, name, n_params), _ = reload_without_slimc(out, ids, tmp_path)
     assert name == "SlimcLlamaForCausalLM"
-    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected)
+    torch.testing.assert_close(logits, expected)
     plan = json.loads((out / "slimc_plan.json").read_text())
     assert int(n_params) == res.report["params"]["model_after"]
     assert abs(plan["achieved_sparsity"] - 0.3) <= 0.01

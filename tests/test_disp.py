@@ -3,7 +3,6 @@ format (old and new) and the command line's refusals. Tiny random models: no qua
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from slimc.layout import INDEX_SETS, layer_layouts
 from slimc.passes import MaterializeDims, PruneReadDims, PruneWriteDims, apply_dims
 from slimc.plan import BlockShape, LayerPlan, PruningPlan
 
-from conftest import save_tiny_dir, tiny_model
+from conftest import reload_without_slimc, save_tiny_dir, tiny_model
 
 FIXTURES = Path(__file__).with_name("fixtures")
 TEXT = " ".join(f"word{i % 97} and thing{i % 13}." for i in range(3000))
@@ -234,23 +233,10 @@ def test_disp_compile_reloads_without_slimc_and_tokenizer_does_not_ask(method, t
     ids = torch.randint(0, 140, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = res.model(ids).logits
-    torch.save(ids, tmp_path / "ids.pt")
-    script = textwrap.dedent(f"""
-        import sys, torch
-        sys.modules["slimc"] = None
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        tok = AutoTokenizer.from_pretrained({str(out)!r})
-        m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
-        with torch.no_grad():
-            torch.save(m(torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'logits.pt')!r})
-        print(type(tok).__name__, type(m).__name__)
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "custom code" not in proc.stdout + proc.stderr and "PreTrainedTokenizerFast" not in proc.stdout
-    assert proc.stdout.split() == ["Qwen2Tokenizer", "SlimcQwen2ForCausalLM"]
-    assert torch.allclose(torch.load(tmp_path / "logits.pt"), expected, atol=1e-5)
+    logits, words, printed = reload_without_slimc(out, ids, tmp_path)
+    assert "custom code" not in printed and "PreTrainedTokenizerFast" not in words
+    assert words[:2] == ["Qwen2Tokenizer", "SlimcQwen2ForCausalLM"]
+    assert torch.allclose(logits, expected, atol=1e-5)
 
 
 def test_disp_plan_is_reused_and_refused_on_another_width(tiny_src, tmp_path):
