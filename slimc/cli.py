@@ -20,7 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="hf", choices=["hf", "vllm", "onnx"])
     c.add_argument("--method", default="slimgpt", choices=list(METHODS),
                    help="slimgpt: heads + FFN channels (default); disp: each block reads/writes its own hidden dims; "
-                        "slimgpt+disp: both, the budget split per block by error per parameter")
+                        "slimgpt+disp: both, the budget split per block by error per parameter; baselines: magnitude, "
+                        "wanda-sp (|W|*||X|| scores), flap (fluctuation scores, global adaptive widths, bias "
+                        "compensation)")
     c.add_argument("--schedule", default="log", choices=["log", "linear", "uniform"])
     c.add_argument("--calib", default="brown",
                    help="brown | wikitext2 | c4 | PATH to a .txt file or directory | a .jsonl of conversations")
@@ -64,19 +66,25 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--disp-seq-len", type=int, default=256, help="tokens per --disp-train sample")
     c.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
-    e = sub.add_parser("eval", help="perplexity and chat fidelity of a model or a compiled output")
+    e = sub.add_parser("eval", help="perplexity, chat fidelity and zero-shot accuracy of a model or a compiled output")
     e.add_argument("model")
     e.add_argument("--ppl", help="perplexity text: brown | brown-heldout | wikitext2 | c4 | PATH "
-                                 "(default: brown, unless only --chat is asked for)")
+                                 "(default: brown, unless only --chat or --tasks is asked for)")
     e.add_argument("--chat", nargs="?", const="builtin", metavar="PROMPTS.jsonl",
                    help="chat fidelity against the dense model's greedy answers, on the built-in prompt set or "
                         "a JSONL of conversations")
     e.add_argument("--chat-tokens", type=int, default=128, help="longest answer generated for --chat")
+    e.add_argument("--tasks", metavar="LIST",
+                   help="zero-shot accuracy through lm-eval on these comma-separated tasks, offline: piqa, hellaswag, "
+                        "winogrande, boolq, arc_easy, arc_challenge, openbookqa, lambada ('all': the first seven); "
+                        "with a model hub, any lm-eval task")
+    e.add_argument("--limit", type=int, help="--tasks: score a seeded subset of N documents per task (the same "
+                                              "documents for every model; default: the whole split)")
     e.add_argument("--against", help="the dense model, measured beside in the same run (default for --chat's "
                                      "reference: the plan's source model)")
     e.add_argument("--seq-len", type=int, default=2048)
     e.add_argument("--max-tokens", type=int, default=100_000, help="score the first N tokens (0: all)")
-    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--batch-size", type=int, help="sequences per forward (default: 1 for perplexity, 16 for --tasks)")
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", help="also write the result as JSON to this path")
@@ -110,8 +118,9 @@ def _eval(args) -> None:
     from .evaluate import format_eval, run_eval
 
     r = run_eval(args.model, ppl=args.ppl, seq_len=args.seq_len, max_tokens=args.max_tokens or None,
-                 batch_size=args.batch_size, dtype=args.dtype, device=args.device, chat=args.chat,
-                 chat_tokens=args.chat_tokens, against=args.against)
+                 batch_size=args.batch_size or 1, dtype=args.dtype, device=args.device, chat=args.chat,
+                 chat_tokens=args.chat_tokens, against=args.against, tasks=args.tasks, limit=args.limit,
+                 task_batch_size=args.batch_size or 16)
     print(format_eval(r))
     if args.json:
         with open(args.json, "w") as f:

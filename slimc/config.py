@@ -9,7 +9,7 @@ from .errors import SlimcError
 from .plan import GQA_MODES, HEAD_ROUNDINGS, SCHEDULES
 
 TARGETS = ("hf", "vllm", "onnx")
-METHODS = ("slimgpt", "magnitude", "disp", "slimgpt+disp")
+METHODS = ("slimgpt", "magnitude", "wanda-sp", "flap", "disp", "slimgpt+disp")
 DISP_METHODS = ("disp", "slimgpt+disp")  # each block reads / writes its own subset of the hidden dims
 HEAD_SCORES = ("grouped", "column")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")

@@ -36,10 +36,11 @@ def _source_model(spec: str) -> str | None:
 
 def run_eval(model: str, ppl: str | None = None, seq_len: int = 2048, max_tokens: int | None = 100_000,
              batch_size: int = 1, dtype: str | None = None, device: str = "cpu", chat: str | None = None,
-             chat_tokens: int = 128, against: str | None = None) -> dict:
-    """`slimc eval`: perplexity (unless only --chat was asked for) and chat fidelity, for `model` and, with
-    `against`, for the dense model beside it in the same run."""
-    from . import chat as chat_mod, data
+             chat_tokens: int = 128, against: str | None = None, tasks: str | None = None,
+             limit: int | None = None, task_batch_size: int = 16) -> dict:
+    """`slimc eval`: perplexity (unless only --chat or --tasks was asked for), chat fidelity and zero-shot task
+    accuracy, for `model` and, with `against`, for the dense model beside it in the same run."""
+    from . import chat as chat_mod, data, tasks as tasks_mod
     from .errors import SlimcError
     from .load import load_model, model_fingerprint
 
@@ -47,7 +48,14 @@ def run_eval(model: str, ppl: str | None = None, seq_len: int = 2048, max_tokens
         raise SlimcError("--seq-len must be at least 2")
     if chat_tokens < 1:
         raise SlimcError("--chat-tokens must be a positive integer")
-    do_ppl = ppl is not None or chat is None
+    if limit is not None and limit < 1:
+        raise SlimcError("--limit must be a positive integer")
+    if batch_size < 1 or task_batch_size < 1:
+        raise SlimcError("--batch-size must be a positive integer")
+    if limit is not None and tasks is None:
+        raise SlimcError("--limit subsets the --tasks documents; pass --tasks too")
+    task_names = tasks_mod.parse_task_list(tasks) if tasks is not None else None  # before minutes of loading
+    do_ppl = ppl is not None or (chat is None and tasks is None)
     ppl = ppl or "brown"
     prompts = None
     if chat:  # read the prompts before minutes of loading: a bad file fails at once
@@ -83,6 +91,12 @@ def run_eval(model: str, ppl: str | None = None, seq_len: int = 2048, max_tokens
         if against:
             result.setdefault("against", {"model": against})["chat"] = chat_mod.chat_fidelity(
                 dense.model, dense.tokenizer, prompts, reference, chat_tokens, answers=reference)
+    if task_names:
+        scores = tasks_mod.run_tasks(loaded.model, loaded.tokenizer, task_names, limit, task_batch_size, device)
+        result.update(scores)
+        if against:
+            result.setdefault("against", {"model": against}).update(
+                tasks_mod.run_tasks(dense.model, dense.tokenizer, task_names, limit, task_batch_size, device))
     return result
 
 
@@ -108,4 +122,8 @@ def format_eval(r: dict) -> str:
         for label, key, fmt in rows:
             lines.append(f"  {label:42} " + fmt.format(c[key]) + (" " + fmt.format(d[key]) if d else ""))
         lines.append(f"  ({c['reference_tokens']:,} reference tokens)")
+    if "tasks" in r:
+        from .tasks import format_tasks
+
+        lines += format_tasks(r, dense if "tasks" in dense else None)
     return "\n".join(lines)

@@ -18,7 +18,7 @@ def slim_config(source_config, family: str, plan: PruningPlan):
         d.pop(key, None)
     d["head_dim"] = getattr(source_config, "head_dim", None) or source_config.hidden_size // source_config.num_attention_heads
     per_layer = [(layer.num_attention_heads, layer.num_key_value_heads, layer.intermediate_size,
-                  *layer.dims(source_config.hidden_size)) for layer in plan.layers]
+                  *layer.dims(source_config.hidden_size), int(layer.output_bias)) for layer in plan.layers]
     d.update({key: [values[k] for values in per_layer] for k, key in enumerate(PER_LAYER_KEYS)})
     config = config_cls(**d)
     config.architectures = [lm_cls.__name__]

@@ -44,10 +44,12 @@ def layer_config(config, i: int):
     return cfg
 
 
-def _narrowed(linear: nn.Linear, in_features: int | None = None, out_features: int | None = None) -> nn.Linear:
-    """A fresh linear like `linear` reading `in_features` / writing `out_features` (weights come from the checkpoint)."""
+def _narrowed(linear: nn.Linear, in_features: int | None = None, out_features: int | None = None,
+              bias: bool = False) -> nn.Linear:
+    """A fresh linear like `linear` reading `in_features` / writing `out_features`, with a bias if it had one or
+    `bias` asks for one (weights come from the checkpoint)."""
     return nn.Linear(in_features or linear.in_features, out_features or linear.out_features,
-                     bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype)
+                     bias=bias or linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype)
 
 
 class SlimcDecoderLayer(nn.Module):
@@ -73,6 +75,9 @@ class SlimcDecoderLayer(nn.Module):
                 setattr(mlp, name, _narrowed(getattr(mlp, name), in_features=layout.mlp_in_dims))
         if layout.has_index("mlp_out"):
             mlp.down_proj = _narrowed(mlp.down_proj, out_features=layout.mlp_out_dims)
+        if layout.output_bias:  # FLAP's compensation biases (values from the checkpoint)
+            attn.o_proj = _narrowed(attn.o_proj, bias=True)
+            mlp.down_proj = _narrowed(mlp.down_proj, bias=True)
         for name in INDEX_SETS:
             if layout.has_index(name):  # filled from the checkpoint's safetensors
                 self.register_buffer(index_buffer(name), torch.zeros(layout.dims(name), dtype=torch.long))

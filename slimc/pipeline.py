@@ -21,7 +21,7 @@ from . import __version__
 from .calibrate import BlockInputs, to_device, catch_block_inputs, collect_hessians, decoder_layers, run_block
 from .capture import BlockStructure, capture_block
 from .config import DISP_METHODS, CompileConfig
-from . import disp
+from . import disp, scored
 from .layout import INDEX_SETS
 from .errors import SlimcError
 from .load import DTYPES, LoadedModel, load_model, model_fingerprint
@@ -95,17 +95,19 @@ def _slice_kwargs(kwargs: dict, length: int) -> dict:
 
 
 def prune_blocks(loaded: LoadedModel, structures: list[BlockStructure], plan: PruningPlan, inputs,
-                 cfg: CompileConfig, timer: StageTimer, shapes: list[BlockShape] | None = None) -> list[dict]:
+                 cfg: CompileConfig, timer: StageTimer, shapes: list[BlockShape] | None = None,
+                 state: dict | None = None) -> list[dict]:
     """Block by block: calibrate, prune with the method's block pruner, and the pruned block's outputs become
     the next block's inputs. DISP methods leave each block's index sets in its row ("index_sets")."""
     device = torch.device(cfg.device)
     layers = decoder_layers(loaded.model)
     inputs.kwargs = to_device(inputs.kwargs, device)  # rotary tables etc. live with the block; hidden states stay cached
-    prune_block = _prune_block_disp if cfg.method in DISP_METHODS else _prune_block_slimgpt
+    prune_block = BLOCK_PRUNERS.get(cfg.method, _prune_block_slimgpt)
     rows = []
     # local reconstruction fits each pruned block to the dense model's outputs, so the dense stream is kept too
-    state = {"dense_stream": inputs.hidden if cfg.reconstruct else None}
+    state = {"dense_stream": inputs.hidden if cfg.reconstruct else None, **(state or {})}
     for i in (bar := tqdm(range(len(layers)), desc="calibrate+prune", unit="block")):
+        state["layer"] = i
         block = layers[i].to(device)
         shape = shapes[i] if shapes else block_shape(block, structures[i])
         row, out = prune_block(block, structures[i], shape, plan.layers[i], inputs, cfg, timer, device, state)
@@ -362,14 +364,17 @@ def _reuse_plan(path: str, shapes: list[BlockShape], cfg: CompileConfig) -> tupl
     plan = PruningPlan.load(path)
     _check_plan_fits(plan, shapes)
     is_disp = plan.method in DISP_METHODS and plan.layers[0].attn_in_dims is not None
+    # the plan's head counts were chosen for its own GQA mode, its hidden-dim counts by its own method
+    method = plan.method if is_disp else (cfg.method if cfg.method not in DISP_METHODS else "slimgpt")
     for layer, s in zip(plan.layers, shapes):
         widths = (layer.num_attention_heads, layer.num_key_value_heads, layer.intermediate_size)
         layer.params = s.disp_params(*widths, *layer.dims(s.hidden_size)) if is_disp else s.params(*widths)
         layer.dense_params = s.params(s.num_heads, s.num_kv_heads, s.intermediate_size)
+        layer.output_bias = method == "flap"  # the compensation biases belong to FLAP, not to the widths
+        if layer.output_bias:
+            layer.params += s.hidden_size * (int(not s.o_bias) + int(not s.down_bias))
     plan.block_params_pruned = sum(layer.params for layer in plan.layers)
     plan.block_params_dense = sum(layer.dense_params for layer in plan.layers)
-    # the plan's head counts were chosen for its own GQA mode, its hidden-dim counts by its own method
-    method = plan.method if is_disp else (cfg.method if cfg.method not in DISP_METHODS else "slimgpt")
     return plan, dataclasses.replace(cfg, gqa=plan.gqa, method=method)
 
 
@@ -391,6 +396,11 @@ def _staging_dir(output: Path, overwrite: bool):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# the block pruner of each method (SlimGPT's handles slimgpt and magnitude)
+BLOCK_PRUNERS = {"disp": _prune_block_disp, "slimgpt+disp": _prune_block_disp,
+                 "wanda-sp": scored.prune_block_scored, "flap": scored.prune_block_scored}
 
 
 def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult:
@@ -431,9 +441,16 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
     if cfg.tp > 1 and model.config.num_attention_heads % cfg.tp:
         raise SlimcError(f"--tp {cfg.tp}: the model's {model.config.num_attention_heads} attention heads cannot be split "
                          f"over {cfg.tp} GPUs (vLLM checks the global head count)")
+    block_state = {}
+    if cfg.method == "flap" and not cfg.plan_only:
+        with timer.stage("calibrate"):  # FLAP's statistics come from the dense model, before any block is cut
+            block_state["flap_stats"] = scored.dense_stats(layers, structures, inputs, cfg.batch_size, cfg.device)
     with timer.stage("plan"):
         if cfg.plan:
             plan, cfg = _reuse_plan(cfg.plan, shapes, cfg)
+        elif cfg.method == "flap" and not cfg.plan_only:
+            plan = scored.flap_plan(shapes, block_state["flap_stats"], layers, structures, cfg.sparsity, cfg.gqa,
+                                    cfg.align_ffn, cfg.tp)
         elif cfg.method in DISP_METHODS:
             plan = disp.solve_disp_plan(shapes, cfg.sparsity, cfg.schedule, cfg.method, cfg.gqa, cfg.align_ffn)
         else:
@@ -449,7 +466,7 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
         return CompileResult(output, {"plan": plan.to_dict()})
 
     params_before = sum(p.numel() for p in model.parameters())
-    rows = prune_blocks(loaded, structures, plan, inputs, cfg, timer, shapes)
+    rows = prune_blocks(loaded, structures, plan, inputs, cfg, timer, shapes, block_state)
     del inputs
     disp_trained = None
     if cfg.disp_train:

@@ -66,6 +66,8 @@ class LayerPlan:
     attn_out_dims: int | None = None
     mlp_in_dims: int | None = None
     mlp_out_dims: int | None = None
+    # FLAP: o_proj and down_proj carry a compensation bias (created where the family has none)
+    output_bias: bool = False
 
     def dims(self, hidden: int) -> tuple[int, int, int, int]:
         return tuple(hidden if v is None else v for v in (self.attn_in_dims, self.attn_out_dims,

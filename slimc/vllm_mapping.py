@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from slimc.errors import SlimcError
-from slimc.layout import DIM_KEYS, INDEX_SETS, index_buffer, layer_layouts
+from slimc.layout import BIAS_KEY, DIM_KEYS, INDEX_SETS, index_buffer, layer_layouts
 
 # config.json `architectures[0]` -> base family. All four are served by slimc.vllm_model on vLLM's own Llama
 # (or Mistral) building blocks; see that module for why Qwen2/Qwen3 do not reuse vLLM's Qwen classes.
@@ -43,7 +43,7 @@ _PER_LAYER = (
 )
 _CONFIG_KEYS = ("model_type", "architectures", "slimc_base_model_type", "num_hidden_layers", "hidden_size",
                 "num_attention_heads", "num_key_value_heads", "intermediate_size", "head_dim", "vocab_size",
-                "tie_word_embeddings", "attention_bias", "mlp_bias") + tuple(k for _, k in _PER_LAYER) + DIM_KEYS
+                "tie_word_embeddings", "attention_bias", "mlp_bias") + tuple(k for _, k in _PER_LAYER) + DIM_KEYS + (BIAS_KEY,)
 
 
 def _as_dict(config: Mapping[str, Any] | Any) -> dict[str, Any]:
@@ -148,7 +148,7 @@ def hf_param_shapes(config: Mapping[str, Any] | Any) -> dict[str, tuple[int, ...
             if qkv_bias:
                 shapes[f"{p}self_attn.{proj}.bias"] = (rows,)
         shapes[f"{p}self_attn.o_proj.weight"] = (lay.attn_out_dims, q * hd)
-        if o_bias:
+        if o_bias or lay.output_bias:
             shapes[f"{p}self_attn.o_proj.bias"] = (lay.attn_out_dims,)
         for name in INDEX_SETS:
             if lay.has_index(name):
@@ -159,7 +159,7 @@ def hf_param_shapes(config: Mapping[str, Any] | Any) -> dict[str, tuple[int, ...
         for proj, shape in (("gate_proj", (ffn, lay.mlp_in_dims)), ("up_proj", (ffn, lay.mlp_in_dims)),
                             ("down_proj", (lay.mlp_out_dims, ffn))):
             shapes[f"{p}mlp.{proj}.weight"] = shape
-            if mlp_bias:
+            if mlp_bias or (proj == "down_proj" and lay.output_bias):
                 shapes[f"{p}mlp.{proj}.bias"] = shape[:1]
         shapes[f"{p}input_layernorm.weight"] = (hidden,)
         shapes[f"{p}post_attention_layernorm.weight"] = (hidden,)
@@ -190,7 +190,7 @@ def expected_vllm_params(config: Mapping[str, Any] | Any) -> dict[str, tuple[int
         if qkv_bias:
             params[f"{p}self_attn.qkv_proj.bias"] = ((q + 2 * kv) * hd,)
         params[f"{p}self_attn.o_proj.weight"] = (lay.attn_out_dims, q * hd)
-        if o_bias:
+        if o_bias or lay.output_bias:
             params[f"{p}self_attn.o_proj.bias"] = (lay.attn_out_dims,)
         if family == "qwen3":
             params[f"{p}self_attn.q_norm.weight"] = (hd,)
@@ -199,6 +199,7 @@ def expected_vllm_params(config: Mapping[str, Any] | Any) -> dict[str, tuple[int
         params[f"{p}mlp.down_proj.weight"] = (lay.mlp_out_dims, ffn)
         if mlp_bias:
             params[f"{p}mlp.gate_up_proj.bias"] = (2 * ffn,)
+        if mlp_bias or lay.output_bias:
             params[f"{p}mlp.down_proj.bias"] = (lay.mlp_out_dims,)
         params[f"{p}input_layernorm.weight"] = (hidden,)
         params[f"{p}post_attention_layernorm.weight"] = (hidden,)

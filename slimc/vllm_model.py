@@ -63,7 +63,8 @@ def _config_for(vllm_config: Any, prefix: str, config: Any) -> Any:
 
 class _DispLayer:
     """Mixed in before a vLLM decoder layer: narrows its projections to the layer's hidden-dim index sets and
-    runs the DISP forward. A layer without index sets is the vLLM layer, untouched."""
+    runs the DISP forward, and gives o_proj / down_proj FLAP's compensation biases where the layout says so.
+    A layer with neither is the vLLM layer, untouched."""
 
     def _setup_disp(self, vllm_config: Any, prefix: str, config: Any) -> None:
         base = config if config is not None else vllm_config.model_config.hf_config
@@ -77,18 +78,20 @@ class _DispLayer:
                 hidden_size=layout.attn_in_dims, head_size=attn.head_dim, total_num_heads=attn.total_num_heads,
                 total_num_kv_heads=attn.total_num_kv_heads, bias=attn.qkv_proj.bias is not None,
                 quant_config=quant, prefix=f"{prefix}.self_attn.qkv_proj")
-        if layout.has_index("attn_out"):
+        if layout.has_index("attn_out") or layout.output_bias:
             attn.o_proj = RowParallelLinear(
                 input_size=attn.total_num_heads * attn.head_dim, output_size=layout.attn_out_dims,
-                bias=attn.o_proj.bias is not None, quant_config=quant, prefix=f"{prefix}.self_attn.o_proj")
+                bias=layout.output_bias or attn.o_proj.bias is not None, quant_config=quant,
+                prefix=f"{prefix}.self_attn.o_proj")
         if layout.has_index("mlp_in"):
             mlp.gate_up_proj = MergedColumnParallelLinear(
                 input_size=layout.mlp_in_dims, output_sizes=[layout.intermediate_size] * 2,
                 bias=mlp.gate_up_proj.bias is not None, quant_config=quant, prefix=f"{prefix}.mlp.gate_up_proj")
-        if layout.has_index("mlp_out"):
+        if layout.has_index("mlp_out") or layout.output_bias:
             mlp.down_proj = RowParallelLinear(
                 input_size=layout.intermediate_size, output_size=layout.mlp_out_dims,
-                bias=mlp.down_proj.bias is not None, quant_config=quant, prefix=f"{prefix}.mlp.down_proj")
+                bias=layout.output_bias or mlp.down_proj.bias is not None, quant_config=quant,
+                prefix=f"{prefix}.mlp.down_proj")
         for name in INDEX_SETS:
             index = torch.zeros(layout.dims(name), dtype=torch.long) if layout.has_index(name) else None
             self.register_buffer(index_buffer(name), index)  # filled by SlimcLlamaForCausalLM.load_weights

@@ -118,3 +118,16 @@ def test_onnx_disp_model_gathers_and_scatters_and_decodes_like_torch(onnx_disp_o
     dense = type("C", (), {k: getattr(cfg, k) for k in ("hidden_size", "num_attention_heads", "head_dim", "vocab_size",
                                                      "num_hidden_layers", "num_key_value_heads", "intermediate_size")})
     assert forward_macs(cfg, 1, 8, 0) < forward_macs(dense, 1, 8, 0)
+
+
+def test_onnx_flap_model_carries_its_biases_and_decodes_like_torch(tiny_dir, tmp_path):  # noqa: F811
+    """FLAP's compensation biases (o_proj / down_proj, which Llama has none of) reach the ONNX graph."""
+    res = slimc.compile(str(tiny_dir), str(tmp_path / "out"), 0.3, target="onnx", method="flap",
+                        calib=str(tiny_dir.parent / "calib.txt"), calib_samples=8, seq_len=32, keep_model=True)
+    io = json.loads((tmp_path / "out" / "onnx" / "io.json").read_text())
+    assert io["parity_max_abs_diff"] < 1e-3 and io["parity_max_rel_diff"] < 1e-4
+    assert res.model.config.layer_output_bias == [1, 1, 1]
+    prompt = [50, 51, 52, 60, 61]
+    with torch.no_grad():
+        ref = res.model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    assert OnnxDecoder(tmp_path / "out" / "onnx").greedy(prompt, 8) == ref[0, len(prompt):].tolist()

@@ -126,3 +126,13 @@ def test_vllm_serves_disp_model_like_transformers(family, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert all(d < config["hidden_size"] for key in DIM_KEYS for d in config[key]), config
     _serve_and_check(out)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_vllm_serves_flap_model_with_its_compensation_biases(family, tmp_path):
+    """FLAP: every layer's o_proj and down_proj carry a bias the family has none of (Qwen2: biased q/k/v, no
+    o_proj bias); the plugin's layers must build and load them."""
+    out = _compile(tmp_path, family, method="flap")
+    config = json.loads((out / "config.json").read_text())
+    assert config["layer_output_bias"] == [1, 1, 1], config
+    _serve_and_check(out)
