@@ -117,6 +117,8 @@ def onnx_speedup(row: dict) -> str:
 def report(args) -> None:
     out = Path(args.out)
     results = json.loads((out / "results.json").read_text())
+    for extra in args.also or []:  # rows measured by another run (e.g. the peers, run beside on one core each)
+        results.update({k: v for k, v in json.loads((Path(extra) / "results.json").read_text()).items() if k != "dense"})
     dense = results["dense"]
     header = ("| row | removed | Brown PPL | " + " | ".join(TASKS) + " | average | kept above chance | onnx prefill |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -174,12 +176,14 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", default="bench-out/compare")
     p.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.2, 0.5])
-    p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
+    p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m not in ("", "none")],
+                   default=list(METHODS), help="slimc methods to compile (none: only dense and the peers)")
     p.add_argument("--peers", help="directory written by benchmarks/peers.py (its peers.json)")
-    p.add_argument("--limit", type=int, default=100, help="documents per task")
+    p.add_argument("--limit", type=int, default=50, help="documents per task (seeded subset, the same for every row)")
     p.add_argument("--ppl-tokens", type=int, default=32768)
     p.add_argument("--speed", action="store_true", help="also onnxruntime prefill speedup of slimc outputs")
     p.add_argument("--report", action="store_true", help="only write the table and the figure")
+    p.add_argument("--also", nargs="*", help="--report: merge the rows of these other --out directories")
     args = p.parse_args()
     report(args) if args.report else run(args)
 

@@ -95,6 +95,9 @@ class CompileConfig:
             if self.tp > 1:
                 raise SlimcError(f"--method {self.method} is served with --tp 1 only (index sets under tensor "
                                  "parallelism are not verified)")
+        elif self.method == "flap" and self.plan_only:
+            raise SlimcError("--plan-only: --method flap chooses every layer's widths from calibration statistics "
+                             "(its global search); compile once and reuse OUT/slimc_plan.json with --plan")
         elif self.disp_train:
             raise SlimcError(f"--disp-train learns DISP masks: it needs --method disp or slimgpt+disp "
                              f"(got {self.method})")

@@ -442,13 +442,13 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
         raise SlimcError(f"--tp {cfg.tp}: the model's {model.config.num_attention_heads} attention heads cannot be split "
                          f"over {cfg.tp} GPUs (vLLM checks the global head count)")
     block_state = {}
-    if cfg.method == "flap" and not cfg.plan_only:
+    if cfg.method == "flap":
         with timer.stage("calibrate"):  # FLAP's statistics come from the dense model, before any block is cut
             block_state["flap_stats"] = scored.dense_stats(layers, structures, inputs, cfg.batch_size, cfg.device)
     with timer.stage("plan"):
         if cfg.plan:
             plan, cfg = _reuse_plan(cfg.plan, shapes, cfg)
-        elif cfg.method == "flap" and not cfg.plan_only:
+        elif cfg.method == "flap":
             plan = scored.flap_plan(shapes, block_state["flap_stats"], layers, structures, cfg.sparsity, cfg.gqa,
                                     cfg.align_ffn, cfg.tp)
         elif cfg.method in DISP_METHODS:

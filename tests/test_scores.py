@@ -183,3 +183,25 @@ def test_flap_bias_lowers_the_block_error(tiny_dir, tmp_path):
         with_bias = (res2.model(ids).logits - ref).pow(2).mean()
     assert all(e >= 0 for e in errors)
     assert with_bias < no_bias
+
+
+def test_flap_plan_only_is_refused_in_one_line(tiny_dir, tmp_path, capsys):
+    from slimc.cli import main
+
+    assert main(["compile", str(tiny_dir), "-o", str(tmp_path / "o"), "--method", "flap", "--plan-only"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--plan-only: --method flap" in err[0] and not (tmp_path / "o").exists()
+
+
+def test_flap_reuses_a_plan_with_its_biases(tiny_dir, tmp_path):
+    """A slimgpt plan reused by flap: the widths are the plan's, the biases FLAP's (and counted)."""
+    kw = dict(calib=str(tiny_dir.parent / "calib.txt"), calib_samples=8, seq_len=32, align_ffn=1)
+    slimc.compile(str(tiny_dir), str(tmp_path / "p"), 0.3, plan_only=True, **kw)
+    res = slimc.compile(str(tiny_dir), str(tmp_path / "o"), 0.3, method="flap", plan=str(tmp_path / "p" / "slimc_plan.json"),
+                        keep_model=True, **kw)
+    src = json.loads((tmp_path / "p" / "slimc_plan.json").read_text())
+    got = json.loads((tmp_path / "o" / "slimc_plan.json").read_text())
+    assert [l["intermediate_size"] for l in got["layers"]] == [l["intermediate_size"] for l in src["layers"]]
+    assert all(l["output_bias"] for l in got["layers"])
+    blocks = sum(p.numel() for n, p in res.model.named_parameters() if ".layers." in n and "layernorm" not in n)
+    assert blocks == got["block_params_pruned"] == src["block_params_pruned"] + 3 * 2 * 64
