@@ -36,8 +36,8 @@ class PruneHeads(BlockPass):
     name = "prune-heads"
 
     def __init__(self, method: str = "slimgpt", gqa: str = "groups", score: str = "grouped",
-                 compensate: bool = True, percdamp: float = 0.01, batch: int = 1):
-        self.method, self.gqa, self.score = method, gqa, score
+                 compensate: bool = True, percdamp: float = 0.01, batch: int = 1, sequential: bool = False):
+        self.method, self.gqa, self.score, self.sequential = method, gqa, score, sequential
         self.compensate, self.percdamp, self.batch = compensate and method == "slimgpt", percdamp, batch
 
     def requires(self, block, s, *, num_heads: int, num_kv_heads: int, hessian: torch.Tensor | None = None):
@@ -68,7 +68,8 @@ class PruneHeads(BlockPass):
             return HeadPruneResult(torch.arange(q), torch.arange(kv), W.clone(), 0.0)
         if self.method == "slimgpt":
             res = obs.prune_units_greedy(W, hessian, units, n_remove, partition=partition, batch=self.batch,
-                                         score=self.score, compensate=self.compensate, percdamp=self.percdamp)
+                                         score=self.score, compensate=self.compensate, percdamp=self.percdamp,
+                                         sequential=self.sequential)
             kept_units, weight, error = res.kept, res.weight, res.error
         else:
             kept_units, weight, error = self._magnitude(block, s, units, partition, n_remove, q, kv, g, d), None, 0.0

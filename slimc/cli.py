@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seq-len", type=int, default=512)
     c.add_argument("--gqa", default="query", choices=["groups", "query"],
                    help="query: drop query heads evenly from every KV group; groups: drop whole KV groups")
+    c.add_argument("--gqa-order", default="joint", choices=["joint", "sequential"],
+                   help="--gqa query: remove the cheapest head of every KV group per OBS round (joint), or the "
+                        "cheapest head among groups that still owe one, re-scoring after each (sequential)")
+    c.add_argument("--ffn-group-max", type=int, default=1024,
+                   help="largest group of FFN channels one OBS round removes (rounds shrink to 8 channels)")
     c.add_argument("--head-rounding", default="floor", choices=["floor", "nearest"],
                    help="floor: drop a head unit only when the layer's target covers it whole")
     c.add_argument("--align-ffn", type=int, default=None,

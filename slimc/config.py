@@ -12,6 +12,7 @@ TARGETS = ("hf", "vllm", "onnx")
 METHODS = ("slimgpt", "magnitude", "wanda-sp", "flap", "disp", "slimgpt+disp")
 DISP_METHODS = ("disp", "slimgpt+disp")  # each block reads / writes its own subset of the hidden dims
 HEAD_SCORES = ("grouped", "column")
+GQA_ORDERS = ("joint", "sequential")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 CONFIG_FORMAT = "slimc.compile-config/1"
 # Multiple that kept FFN widths are rounded to when --align-ffn is not given, per target, from measuring a
@@ -46,6 +47,8 @@ class CompileConfig:
     disp_lambda: float = 2.0  # weight of the |log(kept / target)| parameter-budget term
     disp_seq_len: int = 256  # tokens per training sample
     gqa: str = "query"
+    gqa_order: str = "joint"  # query mode: one head from every KV group per round, or one head per round
+    ffn_group_max: int = 1024  # largest group of FFN channels removed in one OBS round (SlimGPT's dynamic size)
     head_rounding: str = "floor"
     align_ffn: int | None = None  # None: DEFAULT_ALIGN_FFN[target]
     tp: int = 1
@@ -69,6 +72,7 @@ class CompileConfig:
         one_of("method", self.method, METHODS)
         one_of("schedule", self.schedule, SCHEDULES)
         one_of("gqa", self.gqa, GQA_MODES)
+        one_of("gqa_order", self.gqa_order, GQA_ORDERS)
         one_of("head_score", self.head_score, HEAD_SCORES)
         one_of("head_rounding", self.head_rounding, HEAD_ROUNDINGS)
         one_of("chat_calib", self.chat_calib, CHAT_CALIB_MODES)
@@ -103,7 +107,7 @@ class CompileConfig:
                              f"(got {self.method})")
         if not self.reconstruct_lr > 0:
             raise SlimcError(f"--reconstruct-lr must be positive, got {self.reconstruct_lr}")
-        for name in ("calib_samples", "seq_len", "align_ffn", "tp", "batch_size", "reconstruct_epochs"):
+        for name in ("calib_samples", "seq_len", "align_ffn", "tp", "batch_size", "reconstruct_epochs", "ffn_group_max"):
             if getattr(self, name) < 1:
                 raise SlimcError(f"--{name.replace('_', '-')} must be a positive integer")
         if not self.device.startswith(("cpu", "cuda")):

@@ -29,6 +29,15 @@ def prepare_hessian(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     return H
 
 
+def without_dead_columns(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """float64 copy of W with the columns of dead inputs (diag H == 0: always zero on the calibration text)
+    zeroed. Their weights never act on that text, so removing them is free; left in place, prepare_hessian's
+    unit diagonal would score them by their weights' size as if they mattered."""
+    W = W.to(torch.float64).clone()
+    W[:, H.diagonal() == 0] = 0.0
+    return W
+
+
 def inverse_hessian(H: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6) -> torch.Tensor:
     """Inverse of the damped H via Cholesky. A non-positive-definite H (too few tokens, duplicated inputs)
     is retried with 10x more damping each time instead of failing."""
@@ -110,6 +119,7 @@ def prune_units_greedy(
     score: str = "grouped",
     compensate: bool = True,
     percdamp: float = 0.01,
+    sequential: bool = False,
 ) -> PruneResult:
     """Batched greedy removal of whole column units (attention heads or GQA groups), SlimGPT style.
 
@@ -118,13 +128,21 @@ def prune_units_greedy(
     ablation), removes the `batch` cheapest jointly with the OBS update, and re-scores.
     partition: optional LongTensor [U] (e.g. the KV group of each query head). When given, every round removes
     the cheapest unit of *each* partition, so all partitions shrink evenly (per-layer q % kv == 0), and
-    n_remove must be a multiple of the number of partitions.
+    n_remove must be a multiple of the number of partitions. sequential=True removes one unit per round instead:
+    the cheapest among the partitions that still owe a removal, then re-scores -- correlated units in different
+    partitions are then never removed together on scores each computed as if the other stayed.
     """
     n_units = units.shape[0]
     if not 0 <= n_remove < n_units:
         raise ValueError(f"cannot remove {n_remove} of {n_units} units")
+    owed = None
+    if partition is not None:
+        parts_all = partition.unique()
+        if n_remove % len(parts_all):
+            raise ValueError(f"{n_remove} removals do not split evenly over {len(parts_all)} partitions")
+        owed = {int(p): n_remove // len(parts_all) for p in parts_all}
     Hinv = inverse_hessian(H, percdamp)
-    Wc = W.to(torch.float64)
+    Wc = without_dead_columns(W, H)
     alive = torch.ones(n_units, dtype=torch.bool)
     order: list[int] = []
     steps: list[float] = []
@@ -138,6 +156,12 @@ def prune_units_greedy(
         if partition is None:
             take = err.argsort()[: min(batch, n_remove - len(order))]
             chosen = idx[take]
+        elif sequential:
+            parts = partition[idx]
+            owing = torch.tensor([owed[int(p)] > 0 for p in parts])
+            best = err.masked_fill(~owing, float("inf")).argmin()
+            chosen = idx[best].reshape(1)
+            owed[int(parts[best])] -= 1
         else:
             parts = partition[idx]
             chosen = torch.stack([idx[parts == p][err[parts == p].argmin()] for p in parts.unique()])
@@ -179,7 +203,7 @@ def prune_columns_dynamic(
     if not 0 <= n_remove < n_cols:
         raise ValueError(f"cannot remove {n_remove} of {n_cols} columns")
     Hinv = inverse_hessian(H, percdamp)
-    Wc = W.to(torch.float64)
+    Wc = without_dead_columns(W, H)
     alive = torch.ones(n_cols, dtype=torch.bool)
     order: list[int] = []
     total_error = 0.0
@@ -206,7 +230,7 @@ def greedy_column_curve(W: torch.Tensor, H: torch.Tensor, n_remove: int, step: i
     if not 0 <= n_remove < W.shape[1]:
         raise ValueError(f"cannot remove {n_remove} of {W.shape[1]} columns")
     Hinv = inverse_hessian(H, percdamp)
-    Wc = W.to(torch.float64)
+    Wc = without_dead_columns(W, H)
     alive = torch.ones(W.shape[1], dtype=torch.bool)
     curve = []
     while len(curve) < n_remove:

@@ -127,8 +127,9 @@ def _prune_block_slimgpt(block, s: BlockStructure, shape: BlockShape, target: La
     """SlimGPT (or magnitude): stats for o_proj, prune heads, stats for down_proj with the pruned attention in
     place, prune FFN channels."""
     slimgpt = cfg.method == "slimgpt"
-    head_pass = PruneHeads(cfg.method, cfg.gqa, cfg.head_score, cfg.compensate, cfg.percdamp)
-    channel_pass = PruneChannels(cfg.method, cfg.compensate, cfg.percdamp)
+    head_pass = PruneHeads(cfg.method, cfg.gqa, cfg.head_score, cfg.compensate, cfg.percdamp,
+                           sequential=cfg.gqa_order == "sequential")
+    channel_pass = PruneChannels(cfg.method, cfg.compensate, cfg.percdamp, max_group=cfg.ffn_group_max)
     with timer.stage("calibrate"), collect_hessians(block, [s.attention.o] if slimgpt else []) as acc:
         dense_out = run_block(block, inputs, cfg.batch_size, device)
     if cfg.reconstruct:
