@@ -72,12 +72,14 @@ def parse_task_list(text: str) -> list[str]:
     return names
 
 
-def _task_manager(include_path):
+def _task_manager(include_path, include_defaults: bool = True):
+    """lm-eval's task index; without its defaults (thousands of YAMLs, ~10 s to index) when every task is
+    one of slimc's offline ones, whose YAMLs include lm-eval's by path."""
     _require_lm_eval()
     from lm_eval.tasks import TaskManager
 
     _quiet_lm_eval()
-    return TaskManager(include_path=include_path)
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
 
 
 def _require_lm_eval() -> None:
@@ -142,7 +144,7 @@ def prepared_tasks(names: list[str], limit: int | None = None):
     with tempfile.TemporaryDirectory(prefix="slimc-tasks-") as include:
         for n in offline:
             Path(include, f"{n}.yaml").write_text(_offline_yaml(n, TASKS[n], data_dir))
-        manager = _task_manager(include if offline else None)
+        manager = _task_manager(include if offline else None, include_defaults=len(offline) < len(names))
         loaded = manager.load(names)["tasks"]
         tasks = {n: loaded[n] for n in names}
         yield manager, tasks, {n: subset(len(list(t.eval_docs)), limit) for n, t in tasks.items()}

@@ -71,12 +71,12 @@ def rigged(sign, names, limit):
 
 @pytest.mark.parametrize("sign,expected", [(1.0, 1.0), (-1.0, 0.0)])
 def test_rigged_model_scores_every_task_perfectly_or_not_at_all(sign, expected):
-    model, tok = rigged(sign, ALL, limit=3)
-    r = tasks_mod.run_tasks(model, tok, ALL, limit=3, batch_size=8)
+    model, tok = rigged(sign, ALL, limit=2)
+    r = tasks_mod.run_tasks(model, tok, ALL, limit=2, batch_size=8)
     assert set(r["tasks"]) == set(ALL)
     for name, row in r["tasks"].items():
-        assert row["n"] == 3 and row["acc"] == expected, (name, row)
-    assert r["average"] == expected and r["limit"] == 3
+        assert row["n"] == 2 and row["acc"] == expected, (name, row)
+    assert r["average"] == expected and r["limit"] == 2
 
 
 def test_subset_is_seeded_sorted_and_the_same_for_every_call():

@@ -128,11 +128,10 @@ def test_vllm_serves_disp_model_like_transformers(family, tmp_path):
     _serve_and_check(out)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_vllm_serves_flap_model_with_its_compensation_biases(family, tmp_path):
-    """FLAP: every layer's o_proj and down_proj carry a bias the family has none of (Qwen2: biased q/k/v, no
-    o_proj bias); the plugin's layers must build and load them."""
-    out = _compile(tmp_path, family, method="flap")
+def test_vllm_serves_flap_model_with_its_compensation_biases(tmp_path):
+    """FLAP: every layer's o_proj and down_proj carry a bias the family has none of; Qwen2 (biased q/k/v, no
+    o_proj bias) mixes both kinds. The plugin's layers must build and load them (llama passed too, 2026-11-24)."""
+    out = _compile(tmp_path, "qwen2", method="flap")
     config = json.loads((out / "config.json").read_text())
     assert config["layer_output_bias"] == [1, 1, 1], config
     _serve_and_check(out)
