@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slimc import obs
+from slimc import obs, scores
 
 from .base import BlockPass
 
@@ -46,7 +46,7 @@ class PruneChannels(BlockPass):
         units = torch.arange(W.shape[1])[:, None]
         rows = [block.get_submodule(m.gate).weight.data, block.get_submodule(m.up).weight.data]
         score = obs.magnitude_scores(rows, W, units)
-        kept = score.argsort()[n_remove:].sort().values
+        kept = scores.lowest_units(score, n_remove)
         weight = torch.zeros_like(W)
         weight[:, kept] = W[:, kept]
         return ChannelPruneResult(kept, weight, 0.0)

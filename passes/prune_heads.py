@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from slimc import obs
+from slimc import obs, scores
 from slimc.capture import BlockStructure
 
 from .base import BlockPass
@@ -92,15 +92,7 @@ class PruneHeads(BlockPass):
         if self.gqa == "groups":  # a group also owns its KV head's k and v rows
             for name in (a.k, a.v):
                 score += block.get_submodule(name).weight.data.to(torch.float64).view(kv, d, -1).pow(2).sum((1, 2))
-        alive = torch.ones(units.shape[0], dtype=torch.bool)
-        if partition is None:
-            alive[score.argsort()[:n_remove]] = False
-        else:
-            per_part = n_remove // int(partition.max() + 1)
-            for p in partition.unique():
-                members = (partition == p).nonzero().squeeze(1)
-                alive[members[score[members].argsort()[:per_part]]] = False
-        return alive.nonzero().squeeze(1)
+        return scores.lowest_units(score, n_remove, partition)
 
     def ensures(self, block, s, r: HeadPruneResult, *, num_heads: int, num_kv_heads: int, hessian=None):
         self.check(len(r.kept_heads) == num_heads and len(r.kept_kv_heads) == num_kv_heads, "kept head counts off target")

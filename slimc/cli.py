@@ -123,9 +123,9 @@ def _eval(args) -> None:
     from .evaluate import format_eval, run_eval
 
     r = run_eval(args.model, ppl=args.ppl, seq_len=args.seq_len, max_tokens=args.max_tokens or None,
-                 batch_size=args.batch_size or 1, dtype=args.dtype, device=args.device, chat=args.chat,
-                 chat_tokens=args.chat_tokens, against=args.against, tasks=args.tasks, limit=args.limit,
-                 task_batch_size=args.batch_size or 16)
+                 batch_size=1 if args.batch_size is None else args.batch_size, dtype=args.dtype,
+                 device=args.device, chat=args.chat, chat_tokens=args.chat_tokens, against=args.against,
+                 tasks=args.tasks, limit=args.limit, task_batch_size=16 if args.batch_size is None else args.batch_size)
     print(format_eval(r))
     if args.json:
         with open(args.json, "w") as f:

@@ -373,7 +373,7 @@ def _reuse_plan(path: str, shapes: list[BlockShape], cfg: CompileConfig) -> tupl
         layer.dense_params = s.params(s.num_heads, s.num_kv_heads, s.intermediate_size)
         layer.output_bias = method == "flap"  # the compensation biases belong to FLAP, not to the widths
         if layer.output_bias:
-            layer.params += s.hidden_size * (int(not s.o_bias) + int(not s.down_bias))
+            layer.params += s.added_output_bias_params
     plan.block_params_pruned = sum(layer.params for layer in plan.layers)
     plan.block_params_dense = sum(layer.dense_params for layer in plan.layers)
     return plan, dataclasses.replace(cfg, gqa=plan.gqa, method=method)

@@ -41,6 +41,11 @@ class BlockShape:
     gate_up_bias: bool = False
     down_bias: bool = False
 
+    @property
+    def added_output_bias_params(self) -> int:
+        """Parameters of the o_proj / down_proj biases FLAP's compensation adds where the family has none."""
+        return self.hidden_size * (int(not self.o_bias) + int(not self.down_bias))
+
     def params(self, q: int, kv: int, inter: int) -> int:
         return q * self.q_head_params + kv * self.kv_head_params + inter * self.channel_params + self.other_params
 

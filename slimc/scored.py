@@ -97,6 +97,17 @@ def _with_bias(linear: nn.Linear, extra: torch.Tensor) -> nn.Linear:
     return new
 
 
+def _cut_columns(W: torch.Tensor, kept: torch.Tensor, input_mean: torch.Tensor | None):
+    """W with the columns not in `kept` zeroed, and (FLAP, given the inputs' mean) the bias that replaces the
+    removed inputs by their mean."""
+    removed = torch.ones(W.shape[1], dtype=torch.bool)
+    removed[kept] = False
+    bias = None if input_mean is None else scores.baseline_bias(W, input_mean, removed.nonzero().squeeze(1))
+    weight = W.clone()
+    weight[:, removed] = 0
+    return weight, bias
+
+
 def prune_block_scored(block, s: BlockStructure, shape: BlockShape, target: LayerPlan, inputs, cfg, timer, device,
                        state: dict) -> tuple[dict, torch.Tensor]:
     """The block pruner of wanda-sp and flap (pipeline.prune_blocks calls it block by block)."""
@@ -112,21 +123,12 @@ def prune_block_scored(block, s: BlockStructure, shape: BlockShape, target: Laye
         head_score, channel_score = head_and_channel_scores(cfg.method, block, s, st)
         q, kv = head_widths(block, s)
         kept_q, kept_kv = _kept_heads(head_score, q, kv, target, cfg.gqa)
-        W_o = block.get_submodule(a.o).weight.data
-        removed_cols = torch.ones(W_o.shape[1], dtype=torch.bool)
-        removed_cols[_head_rows(kept_q, a.head_dim)] = False
-        o_bias = scores.baseline_bias(W_o, st.o_mean, removed_cols.nonzero().squeeze(1)) if flap else None
-        o_weight = W_o.clone()
-        o_weight[:, removed_cols] = 0
+        o_weight, o_bias = _cut_columns(block.get_submodule(a.o).weight.data, _head_rows(kept_q, a.head_dim),
+                                        st.o_mean if flap else None)
         MaterializeHeads()(block, s, result=HeadPruneResult(kept_q, kept_kv, o_weight, 0.0))
-
-        W_down = block.get_submodule(m.down).weight.data
-        kept_ch = scores.lowest_units(channel_score, W_down.shape[1] - target.intermediate_size)
-        removed_ch = torch.ones(W_down.shape[1], dtype=torch.bool)
-        removed_ch[kept_ch] = False
-        down_bias = scores.baseline_bias(W_down, st.down_mean, removed_ch.nonzero().squeeze(1)) if flap else None
-        down_weight = W_down.clone()
-        down_weight[:, removed_ch] = 0
+        kept_ch = scores.lowest_units(channel_score, len(channel_score) - target.intermediate_size)
+        down_weight, down_bias = _cut_columns(block.get_submodule(m.down).weight.data, kept_ch,
+                                              st.down_mean if flap else None)
         MaterializeChannels()(block, s, result=ChannelPruneResult(kept_ch, down_weight, 0.0))
         if flap:  # every FLAP layer carries the two biases (zero where nothing was removed)
             _set(block, a.o, _with_bias(block.get_submodule(a.o), o_bias))
@@ -172,8 +174,7 @@ def flap_plan(shapes: list[BlockShape], stats: list[BlockStats], layers, structu
                              f"use --gqa groups or --tp 1")
         kept = max(step, int(round((shape.intermediate_size - channels) / step)) * step)
         d = shape.params(shape.num_heads, shape.num_kv_heads, shape.intermediate_size)
-        bias = shape.hidden_size * (int(not shape.o_bias) + int(not shape.down_bias))  # the biases FLAP adds
-        params = shape.params(q, kv, kept) + bias
+        params = shape.params(q, kv, kept) + shape.added_output_bias_params
         layer_plans.append(LayerPlan(q, kv, kept, target_ratio=1 - params / d, params=params, dense_params=d,
                                      output_bias=True))
     pruned = sum(lp.params for lp in layer_plans)

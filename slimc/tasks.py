@@ -134,7 +134,7 @@ def subset(n_docs: int, limit: int | None) -> list[int]:
 @contextmanager
 def prepared_tasks(names: list[str], limit: int | None = None):
     """lm-eval Task objects for `names` (the offline ones reading the fetched data) and the documents each
-    scores under `limit`: yields (task manager, {name: Task}, {name: [doc index]})."""
+    scores under `limit`: yields (task manager, {name: Task}, {name: [doc index]}, {name: documents in the split})."""
     from .assets import task_data_dir
 
     if limit is not None and limit < 1:
@@ -147,7 +147,9 @@ def prepared_tasks(names: list[str], limit: int | None = None):
         manager = _task_manager(include if offline else None, include_defaults=len(offline) < len(names))
         loaded = manager.load(names)["tasks"]
         tasks = {n: loaded[n] for n in names}
-        yield manager, tasks, {n: subset(len(list(t.eval_docs)), limit) for n, t in tasks.items()}
+        # eval_docs re-processes the split on every access (HellaSwag: 10k documents): count once
+        sizes = {n: len(t.eval_docs) for n, t in tasks.items()}
+        yield manager, tasks, {n: subset(size, limit) for n, size in sizes.items()}, sizes
 
 
 def run_tasks(model, tokenizer, names: list[str], limit: int | None = None, batch_size: int = 16,
@@ -158,7 +160,7 @@ def run_tasks(model, tokenizer, names: list[str], limit: int | None = None, batc
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    with prepared_tasks(names, limit) as (manager, tasks, samples):
+    with prepared_tasks(names, limit) as (manager, tasks, samples, sizes):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
         out = simple_evaluate(model=lm, tasks=list(tasks.values()), samples=samples, task_manager=manager,
                               log_samples=False, bootstrap_iters=100, verbosity="ERROR")
@@ -168,7 +170,7 @@ def run_tasks(model, tokenizer, names: list[str], limit: int | None = None, batc
         metric = "acc" if "acc,none" in r else next(k.split(",")[0] for k in r if k.endswith(",none")
                                                     and not k.split(",")[0].endswith("_stderr"))
         row = {"acc": float(r[f"{metric},none"]), "acc_stderr": _stderr(r.get(f"{metric}_stderr,none")),
-               "n": len(samples[n]), "of": len(list(tasks[n].eval_docs)), "metric": metric}
+               "n": len(samples[n]), "of": sizes[n], "metric": metric}
         if "acc_norm,none" in r:
             row.update(acc_norm=float(r["acc_norm,none"]), acc_norm_stderr=_stderr(r.get("acc_norm_stderr,none")))
         if n in TASKS:

@@ -54,7 +54,7 @@ def rigged(sign, names, limit):
 
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=8, device="cpu")
     golds = 0
-    with tasks_mod.prepared_tasks(names, limit) as (_, tasks, samples):
+    with tasks_mod.prepared_tasks(names, limit) as (_, tasks, samples, _sizes):
         for name, task in tasks.items():
             task.build_all_requests(samples=samples[name], rank=0, world_size=1)
             for inst in task.instances:
@@ -87,8 +87,8 @@ def test_subset_is_seeded_sorted_and_the_same_for_every_call():
 
 
 def test_offline_tasks_read_the_fetched_validation_splits():
-    with tasks_mod.prepared_tasks(["piqa", "boolq", "arc_easy"], 5) as (_, tasks, samples):
-        sizes = {n: len(list(t.eval_docs)) for n, t in tasks.items()}
+    with tasks_mod.prepared_tasks(["piqa", "boolq", "arc_easy"], 5) as (_, tasks, samples, sizes):
+        assert sizes == {n: len(list(t.eval_docs)) for n, t in tasks.items()}
         assert sizes == {"piqa": 1838, "boolq": 3270, "arc_easy": 570}
         doc = list(tasks["boolq"].eval_docs)[0]
         assert tasks["boolq"].doc_to_target(doc) in (0, 1)  # google/boolq's boolean answer, mapped
