@@ -6,6 +6,7 @@ import json
 import sys
 
 from .config import METHODS
+from .plan import SCHEDULES
 from .errors import SlimcError
 
 
@@ -23,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
                         "slimgpt+disp: both, the budget split per block by error per parameter; baselines: magnitude, "
                         "wanda-sp (|W|*||X|| scores), flap (fluctuation scores, global adaptive widths, bias "
                         "compensation)")
-    c.add_argument("--schedule", default="log", choices=["log", "linear", "uniform"])
+    c.add_argument("--schedule", default="log", choices=SCHEDULES,
+                   help="per-layer widths: log / linear / uniform shapes, or measured (each layer's head and FFN "
+                        "costs measured on the calibration text, the budget split by error per parameter)")
     c.add_argument("--calib", default="brown",
                    help="brown | wikitext2 | c4 | PATH to a .txt file or directory | a .jsonl of conversations")
     c.add_argument("--calib-samples", type=int, default=128)

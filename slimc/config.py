@@ -89,6 +89,9 @@ class CompileConfig:
             raise SlimcError("--distill-epochs must be >= 0 and --distill-lr positive")
         if self.disp_train < 0 or not self.disp_lr > 0 or not self.disp_lambda > 0 or self.disp_seq_len < 2:
             raise SlimcError("--disp-train must be >= 0; --disp-lr and --disp-lambda positive; --disp-seq-len >= 2")
+        if self.schedule == "measured" and (self.method in DISP_METHODS or self.method == "flap"):
+            raise SlimcError(f"--schedule measured splits the budget over heads and FFN channels; --method "
+                             f"{self.method} chooses each layer's widths itself (use log, linear or uniform)")
         if self.method in DISP_METHODS:
             if self.reconstruct or self.distill_epochs:
                 raise SlimcError(f"--reconstruct and --distill-epochs update weights a DISP mask has cut; they are not "

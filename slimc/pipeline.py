@@ -1,6 +1,7 @@
 """`slimc compile`: load -> capture -> plan -> calibrate & prune block by block -> materialize -> export."""
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -21,11 +22,11 @@ from . import __version__
 from .calibrate import BlockInputs, to_device, catch_block_inputs, collect_hessians, decoder_layers, run_block
 from .capture import BlockStructure, capture_block
 from .config import DISP_METHODS, CompileConfig
-from . import disp, scored
+from . import disp, scored, sensitivity
 from .layout import INDEX_SETS
 from .errors import SlimcError
 from .load import DTYPES, LoadedModel, load_model, model_fingerprint
-from .plan import BlockShape, LayerPlan, PruningPlan, solve_plan
+from .plan import BlockShape, LayerPlan, PruningPlan, solve_measured_plan, solve_plan
 from .reconstruct import reconstruct_block
 
 
@@ -425,7 +426,8 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
         model = loaded.model
         layers = decoder_layers(model)
     out_dtype = DTYPES[cfg.dtype] if cfg.dtype else loaded.dtype
-    need_calib = not cfg.plan_only
+    measured = cfg.schedule == "measured" and not cfg.plan  # the plan needs each layer's measured costs
+    need_calib = not cfg.plan_only or measured
     with timer.stage("calibration data"):
         n = cfg.calib_samples if need_calib else 1
         samples = data.calibration_samples(loaded.tokenizer, cfg.calib, n, cfg.seq_len, cfg.seed)
@@ -446,9 +448,18 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
     if cfg.method == "flap":
         with timer.stage("calibrate"):  # FLAP's statistics come from the dense model, before any block is cut
             block_state["flap_stats"] = scored.dense_stats(layers, structures, inputs, cfg.batch_size, cfg.device)
+    if measured:
+        with timer.stage("measure"):
+            fisher = sensitivity.stream_fisher(model, layers, structures, samples, cfg.device)
+            curves = sensitivity.measure_curves(layers, structures, shapes, inputs, fisher, cfg.gqa,
+                                                math.lcm(cfg.align_ffn, cfg.tp),
+                                                cfg.tp, cfg.gqa_order == "sequential", cfg.percdamp, cfg.batch_size,
+                                                cfg.device)
     with timer.stage("plan"):
         if cfg.plan:
             plan, cfg = _reuse_plan(cfg.plan, shapes, cfg)
+        elif measured:
+            plan = solve_measured_plan(shapes, curves, cfg.sparsity, cfg.gqa, cfg.align_ffn, cfg.tp)
         elif cfg.method == "flap":
             plan = scored.flap_plan(shapes, block_state["flap_stats"], layers, structures, cfg.sparsity, cfg.gqa,
                                     cfg.align_ffn, cfg.tp)

@@ -15,7 +15,8 @@ from pathlib import Path
 from .errors import SlimcError
 
 PLAN_FORMAT = "slimc.plan/1"
-SCHEDULES = ("log", "linear", "uniform")
+SCHEDULES = ("log", "linear", "uniform", "measured")  # measured: slimc.sensitivity + slimc.allocate
+SHAPED_SCHEDULES = SCHEDULES[:3]  # a ratio per layer from a formula, known before any calibration
 GQA_MODES = ("groups", "query")
 HEAD_ROUNDINGS = ("floor", "nearest")
 SHAPE_RATIO = 4.0  # r_last / r_first, the published SlimGPT shape (LLaMA-7B 20%: 0.0625 -> 0.25)
@@ -136,8 +137,8 @@ class PruningPlan:
 def schedule_ratios(schedule: str, n_layers: int, scale: float) -> list[float]:
     """Per-layer parameter targets. log: r_i = s(1 + 3 ln(i+1)/ln n) (SlimGPT's Incremental Pruning Ratio,
     r_last = 4 r_first); linear: same endpoints, linear in i; uniform: s everywhere."""
-    if schedule not in SCHEDULES:
-        raise SlimcError(f"unknown schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
+    if schedule not in SHAPED_SCHEDULES:
+        raise SlimcError(f"unknown schedule {schedule!r} (choose from {', '.join(SHAPED_SCHEDULES)})")
     if schedule == "uniform" or n_layers == 1:
         return [scale] * n_layers
     k = SHAPE_RATIO - 1
@@ -146,7 +147,7 @@ def schedule_ratios(schedule: str, n_layers: int, scale: float) -> list[float]:
     return [scale * (1 + k * i / (n_layers - 1)) for i in range(n_layers)]
 
 
-def _tp_ok(q: int, kv: int, tp: int) -> bool:
+def tp_ok(q: int, kv: int, tp: int) -> bool:
     return q % tp == 0 and (kv % tp == 0 or tp % kv == 0)
 
 
@@ -171,7 +172,7 @@ def layer_widths(shape: BlockShape, ratio: float, gqa: str, align_ffn: int, tp: 
     candidates = sorted(range(n_units), key=lambda u: (over(u), abs(u - ideal), u))  # keep >= 1 unit
     for u in candidates:
         q, kv = shape.num_heads - u * unit_q, shape.num_kv_heads - u * unit_kv
-        if _tp_ok(q, kv, tp):
+        if tp_ok(q, kv, tp):
             break
     else:
         raise SlimcError(
@@ -235,3 +236,35 @@ def solve_plan(
         sparsity=sparsity, schedule=schedule, gqa=gqa, align_ffn=align_ffn, tp=tp, layers=best_layers,
         block_params_dense=dense, block_params_pruned=pruned, scale=best_scale, head_rounding=head_rounding,
     )
+
+
+def solve_measured_plan(shapes: list[BlockShape], curves: list, sparsity: float, gqa: str = "query",
+                        align_ffn: int = 1, tp: int = 1) -> PruningPlan:
+    """Widths from measured cost curves (`slimc.sensitivity.LayerCurves`, one per layer): the block-parameter
+    budget `sparsity` split over every layer's heads and FFN channels by error per parameter removed."""
+    from .allocate import allocate
+
+    if not 0 < sparsity <= 0.9:
+        raise SlimcError(f"sparsity must be in (0, 0.9], got {sparsity}")
+    dense = sum(s.params(s.num_heads, s.num_kv_heads, s.intermediate_size) for s in shapes)
+    flat = [c for layer in curves for c in (layer.heads, layer.channels)]
+    removed = allocate(flat, sparsity * dense)
+    layers = []
+    for i, s in enumerate(shapes):
+        units, channels = removed[2 * i], removed[2 * i + 1]
+        if gqa == "groups":
+            q, kv = s.num_heads - units * (s.num_heads // s.num_kv_heads), s.num_kv_heads - units
+        else:
+            q, kv = s.num_heads - units * s.num_kv_heads, s.num_kv_heads
+        inter = s.intermediate_size - channels
+        layer_dense = s.params(s.num_heads, s.num_kv_heads, s.intermediate_size)
+        params = s.params(q, kv, inter)
+        layers.append(LayerPlan(q, kv, inter, target_ratio=1 - params / layer_dense, params=params,
+                                dense_params=layer_dense))
+    pruned = sum(layer.params for layer in layers)
+    achieved = 1 - pruned / dense
+    if abs(achieved - sparsity) > TOLERANCE:
+        raise SlimcError(f"sparsity {sparsity:.0%} cannot be met within 1 point by the measured schedule (closest: "
+                         f"{achieved:.1%}): the layers cannot give up that much")
+    return PruningPlan(sparsity=sparsity, schedule="measured", gqa=gqa, align_ffn=align_ffn, tp=tp, layers=layers,
+                       block_params_dense=dense, block_params_pruned=pruned)

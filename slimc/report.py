@@ -34,9 +34,35 @@ def build_report(cfg, plan: PruningPlan, rows: list[dict], params_before: int, p
             "blocks_reduction": plan.achieved_sparsity,
         },
         "seconds": seconds,
+        "levers": levers(cfg.to_dict(), plan.schedule, rows, seconds),
         "sample": sample,
         "chat_probe": chat_probe,
     }
+
+
+def levers(cfg: dict, schedule: str, rows: list[dict], seconds: dict) -> list[dict]:
+    """The quality levers of issue 12, each with whether it ran and the seconds its own stage took (levers that
+    only change how OBS proceeds have no stage of their own: their cost is inside `prune`)."""
+    fits = [row["reconstruct"] for row in rows if "reconstruct" in row]
+    out = [
+        {"lever": "schedule", "setting": schedule, "seconds": seconds.get("measure")},
+        {"lever": "gqa order", "setting": cfg.get("gqa_order", "joint") if cfg.get("gqa") == "query" else "n/a (groups)"},
+        {"lever": "ffn group max", "setting": cfg.get("ffn_group_max")},
+        {"lever": "reconstruct", "setting": (f"{cfg['reconstruct_epochs']} epochs, lr {cfg['reconstruct_lr']:g}; kept in "
+                                             f"{sum(f['kept'] for f in fits)}/{len(fits)} blocks")
+         if cfg.get("reconstruct") else "off", "seconds": seconds.get("reconstruct")},
+        {"lever": "distill", "setting": f"{cfg['distill_epochs']} epochs, lr {cfg['distill_lr']:g}"
+         if cfg.get("distill_epochs") else "off", "seconds": seconds.get("distill")},
+    ]
+    return out
+
+
+def levers_line(r: dict) -> str:
+    parts = []
+    for lever in r.get("levers", []):
+        cost = f" ({lever['seconds']:.0f}s)" if lever.get("seconds") else ""
+        parts.append(f"{lever['lever']} {lever['setting']}{cost}")
+    return "levers: " + ", ".join(parts)
 
 
 def chat_warning(r: dict) -> str | None:
@@ -76,6 +102,7 @@ def format_report(r: dict) -> str:
         f"({p['blocks_reduction']:.2%} removed; target {r['plan']['sparsity']:.1%})",
         f"whole-model params:   {p['model_before']:,} -> {p['model_after']:,} ({p['model_reduction']:.2%} removed)",
         describe_mix(r["plan"].get("calibration", {})),
+        levers_line(r),
         "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["seconds"].items()),
         f"sample: {r['sample']!r}",
     ]
@@ -122,6 +149,7 @@ def model_card(r: dict) -> str:
         f"achieved {plan['achieved_sparsity']:.2%} of decoder-block parameters",
         f"- parameters: {p['model_before']:,} -> {p['model_after']:,} ({p['model_reduction']:.1%} fewer in the whole model)",
         f"- {describe_mix(plan.get('calibration', {}))}",
+        f"- {levers_line(r)}",
         f"- target runtime: {cfg['target']}; slimc {plan.get('slimc_version', '')}, seed {plan.get('seed', 0)}",
         "",
         "## Measured at compile time",

@@ -66,6 +66,23 @@ def test_plan_only_then_reuse(tiny_dir, tmp_path):
     assert [r["ffn"] for r in res.report["layers"]] == [l["intermediate_size"] for l in plan["layers"]]
 
 
+def test_measured_schedule_compiles_plans_and_reuses(tiny_dir, tmp_path):
+    """--schedule measured: the widths come from the measured curves (not a formula), the budget is met, and
+    --plan-only calibrates to write the same plan a full compile uses."""
+    res = _compile(tiny_dir, tmp_path / "out", sparsity=0.3, schedule="measured")
+    plan = json.loads((tmp_path / "out" / "slimc_plan.json").read_text())
+    assert plan["schedule"] == "measured" and abs(plan["achieved_sparsity"] - 0.3) <= 0.01
+    levers = {lever["lever"]: lever for lever in res.report["levers"]}
+    assert levers["schedule"]["setting"] == "measured" and levers["schedule"]["seconds"] > 0
+    assert levers["reconstruct"]["setting"] == "off"
+    assert "levers: schedule measured (" in (tmp_path / "out" / "README.md").read_text()
+    ratios = [l["params"] / l["dense_params"] for l in plan["layers"]]
+    assert [r["ffn"] for r in res.report["layers"]] == [l["intermediate_size"] for l in plan["layers"]]
+    _compile(tiny_dir, tmp_path / "plan", sparsity=0.3, schedule="measured", plan_only=True)
+    again = json.loads((tmp_path / "plan" / "slimc_plan.json").read_text())
+    assert [l["params"] / l["dense_params"] for l in again["layers"]] == ratios
+
+
 def test_existing_output_refused_and_untouched(tiny_dir, tmp_path, capsys):
     out = tmp_path / "exists"
     out.mkdir()
@@ -82,6 +99,8 @@ def test_existing_output_refused_and_untouched(tiny_dir, tmp_path, capsys):
     (["compile", "TINY", "-o", "X", "--sparsity", "0.95"], "sparsity"),
     (["compile", "TINY", "-o", "X", "--calib-samples", "5000", "--calib", "CALIB"], "calib"),
     (["compile", "TINY", "-o", "X", "--calib", "/no/such/text.txt"], "not found"),
+    (["compile", "TINY", "-o", "X", "--schedule", "measured", "--method", "flap"], "schedule measured"),
+    (["compile", "TINY", "-o", "X", "--schedule", "measured", "--method", "disp"], "schedule measured"),
 ])
 def test_user_errors_are_one_line(tiny_dir, tmp_path, capsys, args, message):
     args = [a.replace("TINY", str(tiny_dir)).replace("CALIB", str(tiny_dir.parent / "calib.txt")) for a in args]
