@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="ablation: score heads by summed per-column errors")
     c.add_argument("--reconstruct", action="store_true",
                    help="after pruning a block, fit its kept weights to the dense block's outputs (Adam)")
+    c.add_argument("--refit", action="store_true",
+                   help="after OBS, refit each pruned block's kept q/k/v, o, gate/up and down weights in closed form "
+                        "so that, on the pruned stream, they reproduce the dense block's projections on the dense stream")
     c.add_argument("--reconstruct-epochs", type=int, default=2, help="passes over the calibration windows")
     c.add_argument("--reconstruct-lr", type=float, default=1e-4)
     c.add_argument("--distill-epochs", type=int, default=0,

@@ -40,6 +40,7 @@ class CompileConfig:
     reconstruct: bool = False  # fit each pruned block's kept weights to the dense block's outputs
     reconstruct_epochs: int = 2
     reconstruct_lr: float = 1e-4
+    refit: bool = False  # closed-form refit of each pruned block's kept weights to the dense block (GPTAQ-style)
     distill_epochs: int = 0  # 0: off; else passes of whole-model distillation from the dense model after pruning
     distill_lr: float = 5e-5  # the one setting measured (BENCHMARKS.md §5)
     disp_train: int = 0  # DISP: steps of hypernetwork mask training on top of the training-free selection (0: off)
@@ -93,8 +94,8 @@ class CompileConfig:
             raise SlimcError(f"--schedule measured splits the budget over heads and FFN channels; --method "
                              f"{self.method} chooses each layer's widths itself (use log, linear or uniform)")
         if self.method in DISP_METHODS:
-            if self.reconstruct or self.distill_epochs:
-                raise SlimcError(f"--reconstruct and --distill-epochs update weights a DISP mask has cut; they are not "
+            if self.reconstruct or self.refit or self.distill_epochs:
+                raise SlimcError(f"--reconstruct, --refit and --distill-epochs update weights a DISP mask has cut; they are not "
                                  f"combined with --method {self.method}")
             if self.plan_only:
                 raise SlimcError(f"--plan-only: --method {self.method} chooses each block's widths from its calibration "
@@ -102,6 +103,9 @@ class CompileConfig:
             if self.tp > 1:
                 raise SlimcError(f"--method {self.method} is served with --tp 1 only (index sets under tensor "
                                  "parallelism are not verified)")
+        elif self.method in ("wanda-sp", "flap") and (self.reconstruct or self.refit):
+            raise SlimcError(f"--reconstruct and --refit follow SlimGPT's OBS pruning (slimgpt, magnitude); --method "
+                             f"{self.method} runs as published")
         elif self.method == "flap" and self.plan_only:
             raise SlimcError("--plan-only: --method flap chooses every layer's widths from calibration statistics "
                              "(its global search); compile once and reuse OUT/slimc_plan.json with --plan")

@@ -1,6 +1,7 @@
 """`slimc compile`: load -> capture -> plan -> calibrate & prune block by block -> materialize -> export."""
 from __future__ import annotations
 
+import copy
 import math
 import os
 import shutil
@@ -28,6 +29,7 @@ from .errors import SlimcError
 from .load import DTYPES, LoadedModel, load_model, model_fingerprint
 from .plan import BlockShape, LayerPlan, PruningPlan, solve_measured_plan, solve_plan
 from .reconstruct import reconstruct_block
+from .refit import refit_block
 
 
 @dataclass
@@ -106,7 +108,7 @@ def prune_blocks(loaded: LoadedModel, structures: list[BlockStructure], plan: Pr
     prune_block = BLOCK_PRUNERS.get(cfg.method, _prune_block_slimgpt)
     rows = []
     # local reconstruction fits each pruned block to the dense model's outputs, so the dense stream is kept too
-    state = {"dense_stream": inputs.hidden if cfg.reconstruct else None, **(state or {})}
+    state = {"dense_stream": inputs.hidden if cfg.reconstruct or cfg.refit else None, **(state or {})}
     for i in (bar := tqdm(range(len(layers)), desc="calibrate+prune", unit="block")):
         state["layer"] = i
         block = layers[i].to(device)
@@ -133,10 +135,12 @@ def _prune_block_slimgpt(block, s: BlockStructure, shape: BlockShape, target: La
     channel_pass = PruneChannels(cfg.method, cfg.compensate, cfg.percdamp, max_group=cfg.ffn_group_max)
     with timer.stage("calibrate"), collect_hessians(block, [s.attention.o] if slimgpt else []) as acc:
         dense_out = run_block(block, inputs, cfg.batch_size, device)
-    if cfg.reconstruct:
-        with timer.stage("reconstruct"):
+    fits_dense = cfg.reconstruct or cfg.refit
+    if fits_dense:
+        with timer.stage("reconstruct" if cfg.reconstruct else "refit"):
             dense_target = dense_out if state["dense_stream"] is inputs.hidden else run_block(
                 block, BlockInputs(state["dense_stream"], inputs.kwargs), cfg.batch_size, device)
+            dense_block = copy.deepcopy(block) if cfg.refit else None
     with timer.stage("prune"):
         heads = head_pass(block, s, num_heads=target.num_attention_heads, num_kv_heads=target.num_key_value_heads,
                           hessian=acc[s.attention.o].H if slimgpt else None)
@@ -149,11 +153,21 @@ def _prune_block_slimgpt(block, s: BlockStructure, shape: BlockShape, target: La
     with timer.stage("prune"):
         channels = channel_pass(block, s, width=target.intermediate_size, hessian=down_h)
         MaterializeChannels()(block, s, result=channels)
-    fit = None
+    fit = refitted = None
+    if cfg.refit:
+        with timer.stage("refit"):
+            a, d = s.attention, s.attention.head_dim
+            kv_rows = _head_rows(heads.kept_kv_heads, d)
+            kept_rows = {a.q: _head_rows(heads.kept_heads, d), a.k: kv_rows, a.v: kv_rows,
+                         s.mlp.gate: channels.kept, s.mlp.up: channels.kept}
+            refitted = refit_block(block, dense_block, s, inputs, state["dense_stream"], kept_rows, cfg.batch_size,
+                                   device, cfg.percdamp)
+            del dense_block
     if cfg.reconstruct:
         with timer.stage("reconstruct"):
             fit = reconstruct_block(block, inputs, dense_target, cfg.reconstruct_epochs, cfg.reconstruct_lr,
                                     cfg.batch_size, device, cfg.seed)
+    if fits_dense:
         state["dense_stream"] = dense_target
     with timer.stage("calibrate"):
         out = run_block(block, inputs, cfg.batch_size, device)
@@ -164,6 +178,8 @@ def _prune_block_slimgpt(block, s: BlockStructure, shape: BlockShape, target: La
            "dense_heads": s.attention.num_heads, "dense_ffn": s.mlp.intermediate_size}
     if fit:
         row["reconstruct"] = {"error_before": fit.before, "error_after": fit.after, "kept": fit.kept}
+    if refitted:
+        row["refit"] = {"error_before": refitted.before, "error_after": refitted.after, "kept": refitted.kept}
     return row, out
 
 

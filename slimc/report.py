@@ -44,10 +44,13 @@ def levers(cfg: dict, schedule: str, rows: list[dict], seconds: dict) -> list[di
     """The quality levers of issue 12, each with whether it ran and the seconds its own stage took (levers that
     only change how OBS proceeds have no stage of their own: their cost is inside `prune`)."""
     fits = [row["reconstruct"] for row in rows if "reconstruct" in row]
+    refits = [row["refit"] for row in rows if "refit" in row]
     out = [
         {"lever": "schedule", "setting": schedule, "seconds": seconds.get("measure")},
         {"lever": "gqa order", "setting": cfg.get("gqa_order", "joint") if cfg.get("gqa") == "query" else "n/a (groups)"},
         {"lever": "ffn group max", "setting": cfg.get("ffn_group_max")},
+        {"lever": "refit", "setting": f"kept in {sum(f['kept'] for f in refits)}/{len(refits)} blocks"
+         if cfg.get("refit") else "off", "seconds": seconds.get("refit")},
         {"lever": "reconstruct", "setting": (f"{cfg['reconstruct_epochs']} epochs, lr {cfg['reconstruct_lr']:g}; kept in "
                                              f"{sum(f['kept'] for f in fits)}/{len(fits)} blocks")
          if cfg.get("reconstruct") else "off", "seconds": seconds.get("reconstruct")},

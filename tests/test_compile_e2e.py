@@ -83,6 +83,14 @@ def test_measured_schedule_compiles_plans_and_reuses(tiny_dir, tmp_path):
     assert [l["params"] / l["dense_params"] for l in again["layers"]] == ratios
 
 
+def test_refit_runs_in_every_block_and_is_reported(tiny_dir, tmp_path):
+    res = _compile(tiny_dir, tmp_path / "out", sparsity=0.3, refit=True)
+    assert all("refit" in row and row["refit"]["error_after"] <= row["refit"]["error_before"]
+               for row in res.report["layers"])
+    levers = {lever["lever"]: lever for lever in res.report["levers"]}
+    assert levers["refit"]["setting"].startswith("kept in") and levers["refit"]["seconds"] > 0
+
+
 def test_existing_output_refused_and_untouched(tiny_dir, tmp_path, capsys):
     out = tmp_path / "exists"
     out.mkdir()
@@ -101,6 +109,7 @@ def test_existing_output_refused_and_untouched(tiny_dir, tmp_path, capsys):
     (["compile", "TINY", "-o", "X", "--calib", "/no/such/text.txt"], "not found"),
     (["compile", "TINY", "-o", "X", "--schedule", "measured", "--method", "flap"], "schedule measured"),
     (["compile", "TINY", "-o", "X", "--schedule", "measured", "--method", "disp"], "schedule measured"),
+    (["compile", "TINY", "-o", "X", "--refit", "--method", "flap"], "runs as published"),
 ])
 def test_user_errors_are_one_line(tiny_dir, tmp_path, capsys, args, message):
     args = [a.replace("TINY", str(tiny_dir)).replace("CALIB", str(tiny_dir.parent / "calib.txt")) for a in args]

@@ -55,3 +55,67 @@ def test_a_fit_that_does_not_help_is_undone():
     assert not r.kept and r.after == r.before
     for n, p in block.named_parameters():
         assert torch.equal(p, weights[n]), n
+
+
+def _shifted_setup(n_windows, seed=0):
+    """A pruned block whose input stream is the dense one plus a distortion (what earlier pruned blocks leave):
+    the refit's asymmetric case. Returns the block, its dense copy, both streams and the kept rows."""
+    from slimc.passes.materialize import _head_rows
+
+    model = tiny_model("llama")
+    dense_in = _windows(model, n_windows, seed)
+    block = decoder_layers(model)[0]
+    s = capture_structures(decoder_layers(model), dense_in)[0]
+    # systematic, as pruning's drift is: the same function of the input on every window
+    g = torch.Generator().manual_seed(7)
+    distortion = torch.randn(64, 64, generator=g) / 8
+    pruned_in = type(dense_in)(dense_in.hidden + 0.3 * dense_in.hidden @ distortion, dense_in.kwargs)
+    dense = copy.deepcopy(block)
+    with collect_hessians(block, [s.attention.o, s.mlp.down]) as acc:
+        run_block(block, pruned_in, 8, "cpu")
+    heads = PruneHeads("slimgpt", "query")(block, s, num_heads=4, num_kv_heads=4, hessian=acc[s.attention.o].H)
+    MaterializeHeads()(block, s, result=heads)
+    channels = PruneChannels("slimgpt")(block, s, width=24, hessian=acc[s.mlp.down].H)
+    MaterializeChannels()(block, s, result=channels)
+    kv = _head_rows(heads.kept_kv_heads, s.attention.head_dim)
+    rows = {s.attention.q: _head_rows(heads.kept_heads, s.attention.head_dim), s.attention.k: kv, s.attention.v: kv,
+            s.mlp.gate: channels.kept, s.mlp.up: channels.kept}
+    return block, dense, s, pruned_in, dense_in, rows, model
+
+
+def _asym_error(block, dense, pruned_in, dense_in):
+    with torch.no_grad():
+        y, ref = run_block(block, pruned_in, 8, "cpu"), run_block(dense, dense_in, 8, "cpu")
+    return float((y - ref).pow(2).sum() / ref.pow(2).sum())
+
+
+def test_refit_matches_the_dense_block_better_on_fitted_and_unseen_windows():
+    from slimc.refit import refit_block
+
+    block, dense, s, pruned_in, dense_in, rows, _ = _shifted_setup(72)
+    _, _, _, unseen_p, unseen_d, _, _ = _shifted_setup(16, seed=3)  # other windows
+    before_fit, before_unseen = _asym_error(block, dense, pruned_in, dense_in), _asym_error(block, dense, unseen_p, unseen_d)
+    r = refit_block(block, dense, s, pruned_in, dense_in.hidden, rows, 8, "cpu")
+    assert r.kept and r.after < r.before
+    assert _asym_error(block, dense, pruned_in, dense_in) < 0.95 * before_fit
+    assert _asym_error(block, dense, unseen_p, unseen_d) < before_unseen
+
+
+def test_refit_of_a_linear_is_the_least_squares_solution():
+    """One projection in isolation: the refit equals lstsq of the dense outputs on the pruned inputs."""
+    from slimc.refit import _refit_group
+
+    block, dense, s, pruned_in, dense_in, rows, _ = _shifted_setup(16)
+    xs, ys = [], []
+    h1 = block.get_submodule(s.mlp.down).register_forward_pre_hook(lambda m, a: xs.append(a[0].detach()))
+    h2 = dense.get_submodule(s.mlp.down).register_forward_hook(lambda m, a, o: ys.append(o.detach()))
+    with torch.no_grad():
+        run_block(block, pruned_in, 8, "cpu")
+        run_block(dense, dense_in, 8, "cpu")
+    h1.remove(), h2.remove()
+    X = torch.cat(xs).reshape(-1, xs[0].shape[-1]).double()
+    Y = torch.cat(ys).reshape(-1, ys[0].shape[-1]).double()
+    _refit_group(block, dense, [s.mlp.down], rows, pruned_in.hidden, dense_in.hidden, torch.arange(16), pruned_in.kwargs,
+                 8, "cpu", percdamp=0.0)
+    expected = torch.linalg.lstsq(X, Y).solution.T
+    torch.testing.assert_close(block.get_submodule(s.mlp.down).weight.data.double(), expected, rtol=1e-3, atol=1e-4)
