@@ -11,7 +11,7 @@ text, and optionally the chat metrics (`--chat PROMPTS`: NLL of the dense model'
     python benchmarks/levers.py --out bench-out/levers-eval --ppl brown --rows dense,0.2,0.5
 
 Row names: `dense`, or RATIO[+LEVER...]; levers: fgN (`--ffn-group-max N`), seq (`--gqa-order sequential`),
-sched-NAME (`--schedule NAME`), refit (`--refit`), rec (`--reconstruct`), rlrX (`--reconstruct-lr X`), repN
+sched-NAME (`--schedule NAME`), refit (`--refit`), rec (`--reconstruct`), rlrX (`--reconstruct-lr X`), rw-NAME (`--reconstruct-weighting NAME`), repN
 (`--reconstruct-epochs N`), kdN (`--distill-epochs N`), klrX (`--distill-lr X`), calN (`--calib-samples N`),
 slN (`--seq-len N`), sd (`--method slimgpt+disp`), align1 (`--align-ffn 1`).
 """
@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 from quality import measured_compile  # noqa: E402
 
 PREFIXED = [("fg", "--ffn-group-max"), ("sched-", "--schedule"), ("rlr", "--reconstruct-lr"),
-            ("rep", "--reconstruct-epochs"), ("klr", "--distill-lr"), ("kd", "--distill-epochs"),
+            ("rep", "--reconstruct-epochs"), ("rw-", "--reconstruct-weighting"), ("klr", "--distill-lr"), ("kd", "--distill-epochs"),
             ("cal", "--calib-samples"), ("sl", "--seq-len")]
 FLAGS = {"seq": ["--gqa-order", "sequential"], "rec": ["--reconstruct"], "refit": ["--refit"], "sd": ["--method", "slimgpt+disp"],
          "align1": ["--align-ffn", "1"]}

@@ -13,6 +13,7 @@ METHODS = ("slimgpt", "magnitude", "wanda-sp", "flap", "disp", "slimgpt+disp")
 DISP_METHODS = ("disp", "slimgpt+disp")  # each block reads / writes its own subset of the hidden dims
 HEAD_SCORES = ("grouped", "column")
 GQA_ORDERS = ("joint", "sequential")
+RECONSTRUCT_WEIGHTINGS = ("fisher", "energy")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 CONFIG_FORMAT = "slimc.compile-config/1"
 # Multiple that kept FFN widths are rounded to when --align-ffn is not given, per target, from measuring a
@@ -40,6 +41,7 @@ class CompileConfig:
     reconstruct: bool = False  # fit each pruned block's kept weights to the dense block's outputs
     reconstruct_epochs: int = 2
     reconstruct_lr: float = 1e-4
+    reconstruct_weighting: str = "fisher"  # fisher: each output dim's error by the loss's sensitivity; energy: plain
     refit: bool = False  # closed-form refit of each pruned block's kept weights to the dense block (GPTAQ-style)
     distill_epochs: int = 0  # 0: off; else passes of whole-model distillation from the dense model after pruning
     distill_lr: float = 5e-5  # the one setting measured (BENCHMARKS.md §5)
@@ -78,6 +80,7 @@ class CompileConfig:
         one_of("head_rounding", self.head_rounding, HEAD_ROUNDINGS)
         one_of("chat_calib", self.chat_calib, CHAT_CALIB_MODES)
         one_of("chat_data", self.chat_data, CHAT_DATA)
+        one_of("reconstruct_weighting", self.reconstruct_weighting, RECONSTRUCT_WEIGHTINGS)
         if not 0 < self.chat_mix <= 4:
             raise SlimcError(f"--chat-mix must be in (0, 4], got {self.chat_mix}")
         if self.align_ffn is None:

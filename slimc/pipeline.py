@@ -161,12 +161,13 @@ def _prune_block_slimgpt(block, s: BlockStructure, shape: BlockShape, target: La
             kept_rows = {a.q: _head_rows(heads.kept_heads, d), a.k: kv_rows, a.v: kv_rows,
                          s.mlp.gate: channels.kept, s.mlp.up: channels.kept}
             refitted = refit_block(block, dense_block, s, inputs, state["dense_stream"], kept_rows, cfg.batch_size,
-                                   device, cfg.percdamp)
+                                   device, cfg.percdamp, dim_weights=state["fisher"][state["layer"]][1])
             del dense_block
     if cfg.reconstruct:
         with timer.stage("reconstruct"):
+            weights = state["fisher"][state["layer"]][1] if state.get("fisher") else None
             fit = reconstruct_block(block, inputs, dense_target, cfg.reconstruct_epochs, cfg.reconstruct_lr,
-                                    cfg.batch_size, device, cfg.seed)
+                                    cfg.batch_size, device, cfg.seed, dim_weights=weights)
     if fits_dense:
         state["dense_stream"] = dense_target
     with timer.stage("calibrate"):
@@ -461,12 +462,15 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
         raise SlimcError(f"--tp {cfg.tp}: the model's {model.config.num_attention_heads} attention heads cannot be split "
                          f"over {cfg.tp} GPUs (vLLM checks the global head count)")
     block_state = {}
+    if (cfg.refit or cfg.reconstruct and cfg.reconstruct_weighting == "fisher") and not cfg.plan_only:
+        with timer.stage("refit" if cfg.refit else "reconstruct"):  # the stream's Fisher weighs each fit's error
+            block_state["fisher"] = sensitivity.stream_fisher(model, layers, structures, samples, cfg.device)
     if cfg.method == "flap":
         with timer.stage("calibrate"):  # FLAP's statistics come from the dense model, before any block is cut
             block_state["flap_stats"] = scored.dense_stats(layers, structures, inputs, cfg.batch_size, cfg.device)
     if measured:
         with timer.stage("measure"):
-            fisher = sensitivity.stream_fisher(model, layers, structures, samples, cfg.device)
+            fisher = block_state.get("fisher") or sensitivity.stream_fisher(model, layers, structures, samples, cfg.device)
             curves = sensitivity.measure_curves(layers, structures, shapes, inputs, fisher, cfg.gqa,
                                                 math.lcm(cfg.align_ffn, cfg.tp),
                                                 cfg.tp, cfg.gqa_order == "sequential", cfg.percdamp, cfg.batch_size,

@@ -40,13 +40,13 @@ def _out(block, x, kwargs):
 
 
 @torch.no_grad()
-def _relative_error(block, dense_block, pruned, dense, idx, kwargs, batch_size, device) -> float:
+def _relative_error(block, dense_block, pruned, dense, idx, kwargs, batch_size, device, w) -> float:
     err = ref = 0.0
     for s in range(0, len(idx), batch_size):
         b = idx[s : s + batch_size]
-        y = _out(dense_block, dense[b].to(device), kwargs)
-        err += float((_out(block, pruned[b].to(device), kwargs) - y).double().pow(2).sum())
-        ref += float(y.double().pow(2).sum())
+        y = _out(dense_block, dense[b].to(device), kwargs).double()
+        err += float(((_out(block, pruned[b].to(device), kwargs).double() - y).pow(2) * w).sum())
+        ref += float((y.pow(2) * w).sum())
     return err / max(ref, 1e-30)
 
 
@@ -106,16 +106,18 @@ def _refit_group(block, dense_block, paths: list[str], kept_rows: dict, pruned, 
 
 def refit_block(block: nn.Module, dense_block: nn.Module, s: BlockStructure, pruned: BlockInputs,
                 dense_hidden: torch.Tensor, kept_rows: dict, batch_size: int, device,
-                percdamp: float = 0.01) -> RefitResult:
+                percdamp: float = 0.01, dim_weights: torch.Tensor | None = None) -> RefitResult:
     """kept_rows: for each projection whose outputs were cut (q/k/v: kept heads' rows, gate/up: kept channels),
-    the dense output rows it still produces; projections absent from it keep every output."""
+    the dense output rows it still produces; projections absent from it keep every output. dim_weights: how
+    the judge weighs each output dim's error (see slimc.reconstruct; None: equally)."""
     a, m = s.attention, s.mlp
     idx = spread(pruned.hidden.shape[0], REFIT_WINDOWS)
     judge = idx[JUDGE_EVERY - 1 :: JUDGE_EVERY]
     fit = idx[torch.ones(len(idx), dtype=torch.bool).index_fill_(0, torch.arange(JUDGE_EVERY - 1, len(idx), JUDGE_EVERY), False)]
     if len(judge) == 0:
         judge = fit
-    args = (pruned.hidden, dense_hidden, judge, pruned.kwargs, batch_size, device)
+    w = (torch.ones(dense_hidden.shape[-1]) if dim_weights is None else dim_weights).double().to(device)
+    args = (pruned.hidden, dense_hidden, judge, pruned.kwargs, batch_size, device, w)
     before = _relative_error(block, dense_block, *args)
     saved = {n: p.detach().clone() for n, p in block.named_parameters()}
     for paths, drift_from in (([a.q, a.k, a.v], None), ([a.o], ()), ([m.gate, m.up], None), ([m.down], (a.o,))):

@@ -51,7 +51,8 @@ def levers(cfg: dict, schedule: str, rows: list[dict], seconds: dict) -> list[di
         {"lever": "ffn group max", "setting": cfg.get("ffn_group_max")},
         {"lever": "refit", "setting": f"kept in {sum(f['kept'] for f in refits)}/{len(refits)} blocks"
          if cfg.get("refit") else "off", "seconds": seconds.get("refit")},
-        {"lever": "reconstruct", "setting": (f"{cfg['reconstruct_epochs']} epochs, lr {cfg['reconstruct_lr']:g}; kept in "
+        {"lever": "reconstruct", "setting": (f"{cfg['reconstruct_epochs']} epochs, lr {cfg['reconstruct_lr']:g}, "
+                                             f"{cfg.get('reconstruct_weighting', 'energy')}-weighted; kept in "
                                              f"{sum(f['kept'] for f in fits)}/{len(fits)} blocks")
          if cfg.get("reconstruct") else "off", "seconds": seconds.get("reconstruct")},
         {"lever": "distill", "setting": f"{cfg['distill_epochs']} epochs, lr {cfg['distill_lr']:g}"

@@ -119,3 +119,22 @@ def test_refit_of_a_linear_is_the_least_squares_solution():
                  8, "cpu", percdamp=0.0)
     expected = torch.linalg.lstsq(X, Y).solution.T
     torch.testing.assert_close(block.get_submodule(s.mlp.down).weight.data.double(), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_weighted_reconstruction_fits_the_dims_that_are_weighted():
+    """Output dims weighted by the loss's sensitivity: the fit lowers the weighted error on unseen windows, and
+    the judge works in the same weighting (a block with all weight on a few dims is judged on those)."""
+    block, dense, inputs, targets, model = _pruned_block_and_targets(64)
+    unseen = _windows(model, 16, seed=1)
+    w = torch.full((64,), 1e-3)
+    w[:8] = 1.0  # the dims the loss cares about
+
+    def weighted_error(b):
+        with torch.no_grad():
+            y, ref = run_block(b, unseen, 8, "cpu"), run_block(dense, unseen, 8, "cpu")
+        return float(((y - ref).pow(2) * w).sum() / (ref.pow(2) * w).sum())
+
+    before = weighted_error(block)
+    r = reconstruct_block(block, inputs, targets, epochs=30, lr=1e-4, batch_size=8, device="cpu", dim_weights=w)
+    assert r.kept and r.after < 0.95 * r.before
+    assert weighted_error(block) < before
