@@ -32,6 +32,7 @@ PREFIXED = [("fg", "--ffn-group-max"), ("sched-", "--schedule"), ("rlr", "--reco
             ("cal", "--calib-samples"), ("sl", "--seq-len")]
 FLAGS = {"seq": ["--gqa-order", "sequential"], "rec": ["--reconstruct"], "refit": ["--refit"], "sd": ["--method", "slimgpt+disp"],
          "align1": ["--align-ffn", "1"]}
+LEVER_STAGES = ("measure", "refit", "reconstruct", "distill")
 PROMPT_SETS = {"eval": "builtin", "probe": str(HERE.parent / "slimc" / "prompts" / "probe.jsonl")}
 
 
@@ -97,7 +98,9 @@ def main() -> None:
 
 def markdown(results: dict, windows: list[int]) -> str:
     dense = results.get("dense", {})
-    head = "| row | removed | " + " | ".join(f"PPL@{w} | / dense" for w in windows) + " | chat NLL | answered | compile s |"
+    # the levers' own stages against the calibration passes of the same compile: a ratio survives shared cores
+    head = ("| row | removed | " + " | ".join(f"PPL@{w} | / dense" for w in windows)
+            + " | chat NLL | answered | compile s | lever stages / calibrate |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, row in results.items():
         cells = [name, f"{row['params']['blocks_reduction']:.1%}" if "params" in row else "0"]
@@ -108,6 +111,9 @@ def markdown(results: dict, windows: list[int]) -> str:
         cells += [f"{c['nll']:.3f}" if c else "", f"{c['answered']:.0%}" if c else ""]
         comp = row.get("compile", {}).get("wall_s") or row.get("seconds", {}).get("total")
         cells.append(f"{comp:.0f}" if comp else "")
+        sec = row.get("seconds", {})
+        lever = sum(sec.get(k, 0.0) for k in LEVER_STAGES)
+        cells.append(f"{lever / sec['calibrate']:.2f}" if sec.get("calibrate") else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
