@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
                         "so that, on the pruned stream, they reproduce the dense block's projections on the dense stream")
     c.add_argument("--reconstruct-epochs", type=int, default=2, help="passes over the calibration windows")
     c.add_argument("--reconstruct-lr", type=float, default=1e-4)
-    c.add_argument("--reconstruct-weighting", default="fisher", choices=["fisher", "energy"],
+    c.add_argument("--reconstruct-weighting", default="energy", choices=["energy", "fisher"],
                    help="fisher: each output dim's error weighted by the loss's sensitivity there (one backward pass "
                         "of the dense model on 16 windows); energy: the plain squared error, dominated by outlier dims")
     c.add_argument("--distill-epochs", type=int, default=0,

@@ -41,7 +41,8 @@ class CompileConfig:
     reconstruct: bool = False  # fit each pruned block's kept weights to the dense block's outputs
     reconstruct_epochs: int = 2
     reconstruct_lr: float = 1e-4
-    reconstruct_weighting: str = "fisher"  # fisher: each output dim's error by the loss's sensitivity; energy: plain
+    reconstruct_weighting: str = "energy"  # energy: plain squared error; fisher: each dim by the loss's sensitivity
+    # (a tie at 50 % on held-out text, BENCHMARKS.md §8: the plain one needs no backward pass)
     refit: bool = False  # closed-form refit of each pruned block's kept weights to the dense block (GPTAQ-style)
     distill_epochs: int = 0  # 0: off; else passes of whole-model distillation from the dense model after pruning
     distill_lr: float = 5e-5  # the one setting measured (BENCHMARKS.md §5)
