@@ -25,6 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from chat import PROMPT_SETS  # noqa: E402
 from quality import measured_compile  # noqa: E402
 
 PREFIXED = [("fg", "--ffn-group-max"), ("sched-", "--schedule"), ("rlr", "--reconstruct-lr"),
@@ -33,7 +34,6 @@ PREFIXED = [("fg", "--ffn-group-max"), ("sched-", "--schedule"), ("rlr", "--reco
 FLAGS = {"seq": ["--gqa-order", "sequential"], "rec": ["--reconstruct"], "refit": ["--refit"], "sd": ["--method", "slimgpt+disp"],
          "align1": ["--align-ffn", "1"]}
 LEVER_STAGES = ("measure", "refit", "reconstruct", "distill")
-PROMPT_SETS = {"eval": "builtin", "probe": str(HERE.parent / "slimc" / "prompts" / "probe.jsonl")}
 
 
 def compile_args(name: str) -> list[str]:

@@ -70,7 +70,7 @@ def allocate(curves: list[CostCurve], budget: float) -> list[int]:
         c = curves[c_idx]
         if closed[c_idx] or left < c.unit_params:
             continue
-        if c.counts[b] * c.unit_params - removed[c_idx] * c.unit_params <= left:
+        if (c.counts[b] - removed[c_idx]) * c.unit_params <= left:
             left -= (c.counts[b] - removed[c_idx]) * c.unit_params
             removed[c_idx] = c.counts[b]
             continue

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-HOLDOUT_EVERY = 8
+from .reconstruct import HOLDOUT_EVERY, judge_split  # noqa: F401 (HOLDOUT_EVERY: the split's period, for callers)
 
 
 @dataclass
@@ -47,11 +47,7 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, epoch
             batch_size: int = 2, seed: int = 0) -> DistillResult:
     device = next(student.parameters()).device
     windows = windows.to(device)
-    n = windows.shape[0]
-    is_held = torch.arange(n) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
-    held, train = windows[is_held], windows[~is_held]
-    if len(held) == 0:
-        held = train
+    train, held = judge_split(windows)
     # the decoder blocks' linear weights: embeddings (tied to lm_head) and norms stay as they are
     weights = [p for n_, p in student.named_parameters() if ".layers." in n_ and p.dim() == 2]
     grads = {p: p.requires_grad for p in student.parameters()}

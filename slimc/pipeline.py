@@ -165,7 +165,8 @@ def _prune_block_slimgpt(block, s: BlockStructure, shape: BlockShape, target: La
             del dense_block
     if cfg.reconstruct:
         with timer.stage("reconstruct"):
-            weights = state["fisher"][state["layer"]][1] if state.get("fisher") else None
+            fisher_weighted = cfg.reconstruct_weighting == "fisher"
+            weights = state["fisher"][state["layer"]][1] if fisher_weighted else None
             fit = reconstruct_block(block, inputs, dense_target, cfg.reconstruct_epochs, cfg.reconstruct_lr,
                                     cfg.batch_size, device, cfg.seed, dim_weights=weights)
     if fits_dense:

@@ -47,6 +47,21 @@ class BlockShape:
         """Parameters of the o_proj / down_proj biases FLAP's compensation adds where the family has none."""
         return self.hidden_size * (int(not self.o_bias) + int(not self.down_bias))
 
+    def head_unit(self, gqa: str) -> tuple[int, int, int]:
+        """(how many units, query heads per unit, KV heads per unit) of a GQA mode: "groups", a unit is one KV
+        head with all its query heads; "query", one query head from every KV group (KV heads stay)."""
+        group = self.num_heads // self.num_kv_heads
+        if gqa == "groups":
+            return self.num_kv_heads, group, 1
+        if gqa == "query":
+            return group, self.num_kv_heads, 0
+        raise SlimcError(f"unknown --gqa mode {gqa!r} (choose from {', '.join(GQA_MODES)})")
+
+    def heads_without(self, units: int, gqa: str) -> tuple[int, int]:
+        """(query heads, KV heads) left after removing `units` head units."""
+        _, unit_q, unit_kv = self.head_unit(gqa)
+        return self.num_heads - units * unit_q, self.num_kv_heads - units * unit_kv
+
     def params(self, q: int, kv: int, inter: int) -> int:
         return q * self.q_head_params + kv * self.kv_head_params + inter * self.channel_params + self.other_params
 
@@ -158,20 +173,14 @@ def layer_widths(shape: BlockShape, ratio: float, gqa: str, align_ffn: int, tp: 
     head_rounding="floor" removes a head unit only when the layer's target covers it whole; "nearest" rounds
     to the closest unit count. Head units are coarse (a third of a SmolLM2 layer's attention), and on held-out
     Brown text removing fewer heads and more FFN channels was clearly better (BENCHMARKS.md)."""
-    group = shape.num_heads // shape.num_kv_heads
-    if gqa == "groups":  # a unit is one KV head with all its query heads
-        n_units, unit_q, unit_kv = shape.num_kv_heads, group, 1
-    elif gqa == "query":  # a unit is one query head from every KV group
-        n_units, unit_q, unit_kv = group, shape.num_kv_heads, 0
-    else:
-        raise SlimcError(f"unknown --gqa mode {gqa!r} (choose from {', '.join(GQA_MODES)})")
+    n_units = shape.head_unit(gqa)[0]
     ideal = ratio * n_units
     if head_rounding not in HEAD_ROUNDINGS:
         raise SlimcError(f"unknown head rounding {head_rounding!r} (choose from {', '.join(HEAD_ROUNDINGS)})")
     over = (lambda u: u > ideal + 1e-9) if head_rounding == "floor" else (lambda u: False)
     candidates = sorted(range(n_units), key=lambda u: (over(u), abs(u - ideal), u))  # keep >= 1 unit
     for u in candidates:
-        q, kv = shape.num_heads - u * unit_q, shape.num_kv_heads - u * unit_kv
+        q, kv = shape.heads_without(u, gqa)
         if tp_ok(q, kv, tp):
             break
     else:
@@ -252,10 +261,7 @@ def solve_measured_plan(shapes: list[BlockShape], curves: list, sparsity: float,
     layers = []
     for i, s in enumerate(shapes):
         units, channels = removed[2 * i], removed[2 * i + 1]
-        if gqa == "groups":
-            q, kv = s.num_heads - units * (s.num_heads // s.num_kv_heads), s.num_kv_heads - units
-        else:
-            q, kv = s.num_heads - units * s.num_kv_heads, s.num_kv_heads
+        q, kv = s.heads_without(units, gqa)
         inter = s.intermediate_size - channels
         layer_dense = s.params(s.num_heads, s.num_kv_heads, s.intermediate_size)
         params = s.params(q, kv, inter)

@@ -26,6 +26,14 @@ from .calibrate import BlockInputs
 HOLDOUT_EVERY = 8  # every 8th calibration window judges the fit instead of feeding it
 
 
+def judge_split(items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, judge): every HOLDOUT_EVERY-th item judges, the rest are fitted on. Too few items to spare one:
+    fit on all, judge on all."""
+    is_judge = torch.arange(len(items)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+    fit, judge = items[~is_judge], items[is_judge]
+    return fit, (judge if len(judge) else fit)
+
+
 @dataclass
 class ReconstructResult:
     before: float  # relative squared error against the dense outputs on the held-out windows
@@ -33,7 +41,7 @@ class ReconstructResult:
     kept: bool  # False: the fit did not help on the held-out windows and was undone
 
 
-def _block_out(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+def block_output(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     y = block(x, **kwargs)
     return y[0] if isinstance(y, tuple) else y
 
@@ -45,7 +53,7 @@ def _relative_error(block, inputs: BlockInputs, targets: torch.Tensor, idx: torc
     for s in range(0, len(idx), batch_size):
         b = idx[s : s + batch_size]
         y = targets[b].to(device)
-        err += float(((_block_out(block, inputs.hidden[b].to(device), inputs.kwargs) - y).pow(2) * w).sum())
+        err += float(((block_output(block, inputs.hidden[b].to(device), inputs.kwargs) - y).pow(2) * w).sum())
         ref += float((y.pow(2) * w).sum())
     return err / max(ref, 1e-30)
 
@@ -58,11 +66,7 @@ def reconstruct_block(block: nn.Module, inputs: BlockInputs, targets: torch.Tens
     hidden = targets.shape[-1]
     w = (torch.ones(hidden) if dim_weights is None else dim_weights.float()).to(device)
     w = w / w.mean().clamp_min(1e-30)
-    n = inputs.hidden.shape[0]
-    held = torch.arange(n)[torch.arange(n) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
-    train = torch.arange(n)[torch.arange(n) % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
-    if len(held) == 0:  # too few windows to judge: fit on all, judge on all
-        held = train
+    train, held = judge_split(torch.arange(inputs.hidden.shape[0]))
     weights = [p for p in block.parameters() if p.dim() == 2]
     saved = [w.detach().clone() for w in weights]
     frozen = {p: p.requires_grad for p in block.parameters()}
@@ -78,7 +82,7 @@ def reconstruct_block(block: nn.Module, inputs: BlockInputs, targets: torch.Tens
                 for s in range(0, len(order), batch_size):
                     b = order[s : s + batch_size]
                     y = targets[b].to(device)
-                    out = _block_out(block, inputs.hidden[b].to(device), inputs.kwargs)
+                    out = block_output(block, inputs.hidden[b].to(device), inputs.kwargs)
                     # relative to the target's (weighted) energy, so one lr fits every block's scale
                     loss = ((out - y).pow(2) * w).mean() / (y.pow(2) * w).mean().clamp_min(1e-30)
                     opt.zero_grad(set_to_none=True)

@@ -21,10 +21,10 @@ from torch import nn
 
 from .calibrate import BlockInputs
 from .capture import BlockStructure
+from .reconstruct import block_output, judge_split
 from .sensitivity import spread
 
-REFIT_WINDOWS = 72  # calibration windows a refit reads (every 8th of them judges instead)
-JUDGE_EVERY = 8
+REFIT_WINDOWS = 72  # calibration windows a refit reads (every 8th of them judges instead, as in reconstruction)
 
 
 @dataclass
@@ -34,18 +34,13 @@ class RefitResult:
     kept: bool
 
 
-def _out(block, x, kwargs):
-    y = block(x, **kwargs)
-    return y[0] if isinstance(y, tuple) else y
-
-
 @torch.no_grad()
 def _relative_error(block, dense_block, pruned, dense, idx, kwargs, batch_size, device, w) -> float:
     err = ref = 0.0
     for s in range(0, len(idx), batch_size):
         b = idx[s : s + batch_size]
-        y = _out(dense_block, dense[b].to(device), kwargs).double()
-        err += float(((_out(block, pruned[b].to(device), kwargs).double() - y).pow(2) * w).sum())
+        y = block_output(dense_block, dense[b].to(device), kwargs).double()
+        err += float(((block_output(block, pruned[b].to(device), kwargs).double() - y).pow(2) * w).sum())
         ref += float((y.pow(2) * w).sum())
     return err / max(ref, 1e-30)
 
@@ -73,8 +68,8 @@ def _refit_group(block, dense_block, paths: list[str], kept_rows: dict, pruned, 
         for s in range(0, len(idx), batch_size):
             b = idx[s : s + batch_size]
             x_p, x_d = pruned[b].to(device), dense[b].to(device)
-            _out(block, x_p, kwargs)
-            _out(dense_block, x_d, kwargs)
+            block_output(block, x_p, kwargs)
+            block_output(dense_block, x_d, kwargs)
             x = caught["x"].reshape(-1, n_in).double()
             H += x.T @ x
             drift = None
@@ -111,11 +106,7 @@ def refit_block(block: nn.Module, dense_block: nn.Module, s: BlockStructure, pru
     the dense output rows it still produces; projections absent from it keep every output. dim_weights: how
     the judge weighs each output dim's error (see slimc.reconstruct; None: equally)."""
     a, m = s.attention, s.mlp
-    idx = spread(pruned.hidden.shape[0], REFIT_WINDOWS)
-    judge = idx[JUDGE_EVERY - 1 :: JUDGE_EVERY]
-    fit = idx[torch.ones(len(idx), dtype=torch.bool).index_fill_(0, torch.arange(JUDGE_EVERY - 1, len(idx), JUDGE_EVERY), False)]
-    if len(judge) == 0:
-        judge = fit
+    fit, judge = judge_split(spread(pruned.hidden.shape[0], REFIT_WINDOWS))
     w = (torch.ones(dense_hidden.shape[-1]) if dim_weights is None else dim_weights).double().to(device)
     args = (pruned.hidden, dense_hidden, judge, pruned.kwargs, batch_size, device, w)
     before = _relative_error(block, dense_block, *args)

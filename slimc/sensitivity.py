@@ -45,12 +45,11 @@ def head_curve(W_o: torch.Tensor, H_o: torch.Tensor, shape: BlockShape, gqa: str
     q, kv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
     g = q // kv
     head_cols = torch.arange(q * d).view(q, d)
+    n_units, unit_q, unit_kv = shape.head_unit(gqa)
     if gqa == "groups":
-        units, partition, n_units, per_unit = head_cols.view(kv, g * d), None, kv, 1
-        unit_q, unit_kv = g, 1
+        units, partition, per_unit = head_cols.view(kv, g * d), None, 1
     else:
-        units, partition, n_units, per_unit = head_cols, torch.arange(q) // g, g, kv
-        unit_q, unit_kv = kv, 0
+        units, partition, per_unit = head_cols, torch.arange(q) // g, kv
     unit_params = unit_q * shape.q_head_params + unit_kv * shape.kv_head_params
     if n_units == 1:
         return CostCurve([0], [0.0], unit_params)
@@ -64,7 +63,7 @@ def head_curve(W_o: torch.Tensor, H_o: torch.Tensor, shape: BlockShape, gqa: str
         removed = step * heads_removed
         if removed % per_unit == 0:
             errors_at[removed // per_unit] = err
-    counts = [u for u in range(n_units) if tp_ok(q - u * unit_q, kv - u * unit_kv, tp)]
+    counts = [u for u in range(n_units) if tp_ok(*shape.heads_without(u, gqa), tp)]
     if counts[0] != 0:
         raise ValueError("the dense head count must be valid for the tensor-parallel degree")
     return CostCurve(counts, [errors_at[u] for u in counts], unit_params)
@@ -108,6 +107,7 @@ def stream_fisher(model, layers, structures: list[BlockStructure], samples: torc
         hooks.append(block.get_submodule(s.mlp.down).register_forward_hook(catch(i, 1)))
     rows = spread(samples.shape[0], FISHER_WINDOWS)
     embed = model.get_input_embeddings()
+    home = next(model.parameters()).device  # the compile keeps the model here and moves one block at a time
     model.to(device)
     trainable = {p: p.requires_grad for p in model.parameters()}
     for p in trainable:
@@ -125,6 +125,7 @@ def stream_fisher(model, layers, structures: list[BlockStructure], samples: torc
             h.remove()
         for p, flag in trainable.items():
             p.requires_grad_(flag)
+        model.to(home)
     tokens = len(rows) * samples.shape[1]
     return [(a / tokens, d / tokens) for a, d in sums]
 
