@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
                         "costs measured on the calibration text, the budget split by error per parameter)")
     c.add_argument("--calib", default="brown",
                    help="brown | wikitext2 | c4 | PATH to a .txt file or directory | a .jsonl of conversations")
-    c.add_argument("--calib-samples", type=int, default=128)
+    c.add_argument("--calib-samples", type=int,
+                   help="calibration windows (default 128, or all a shorter text holds, said so)")
     c.add_argument("--chat-calib", default="auto", choices=["auto", "on", "off"],
                    help="mix chat-formatted windows into calibration (auto: when the model has a chat template)")
     c.add_argument("--chat-mix", type=float, default=0.5,
@@ -37,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--chat-data", default="both", choices=["self", "framed", "both"],
                    help="chat windows from the dense model's own answers, from calibration text framed as "
                         "conversations, or half each")
-    c.add_argument("--seq-len", type=int, default=512)
+    c.add_argument("--seq-len", type=int, help="tokens per calibration window (default 512)")
     c.add_argument("--gqa", default="query", choices=["groups", "query"],
                    help="query: drop query heads evenly from every KV group; groups: drop whole KV groups")
     c.add_argument("--gqa-order", default="joint", choices=["joint", "sequential"],

@@ -22,6 +22,8 @@ CONFIG_FORMAT = "slimc.compile-config/1"
 # width effect at all (±1 %). vllm: not measured yet (no GPU lent); 8 follows NVIDIA's tensor-core rule
 # for 16-bit GEMMs (dimensions in multiples of 8) until a GPU sweep replaces it.
 DEFAULT_ALIGN_FFN = {"hf": 8, "onnx": 1, "vllm": 8}
+DEFAULT_CALIB_SAMPLES = 128
+DEFAULT_SEQ_LEN = 512
 
 
 @dataclass
@@ -33,8 +35,8 @@ class CompileConfig:
     method: str = "slimgpt"
     schedule: str = "log"
     calib: str = "brown"
-    calib_samples: int = 128
-    seq_len: int = 512
+    calib_samples: int | None = None  # None: DEFAULT_CALIB_SAMPLES, or every window a shorter text holds (said so)
+    seq_len: int | None = None  # None: DEFAULT_SEQ_LEN
     chat_calib: str = "auto"  # auto: chat windows whenever the tokenizer has a chat template
     chat_mix: float = 0.5  # chat windows per plain calibration window (added on top of --calib-samples)
     chat_data: str = "both"  # self-generated conversations, framed calibration text, or half each
@@ -119,7 +121,7 @@ class CompileConfig:
         if not self.reconstruct_lr > 0:
             raise SlimcError(f"--reconstruct-lr must be positive, got {self.reconstruct_lr}")
         for name in ("calib_samples", "seq_len", "align_ffn", "tp", "batch_size", "reconstruct_epochs", "ffn_group_max"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SlimcError(f"--{name.replace('_', '-')} must be a positive integer")
         if not self.device.startswith(("cpu", "cuda")):
             raise SlimcError(f"--device must be cpu or cuda, got {self.device!r}")
@@ -128,6 +130,12 @@ class CompileConfig:
 
             if not torch.cuda.is_available():
                 raise SlimcError("--device cuda was asked for but no CUDA GPU is available")
+
+    def calibration_request(self) -> tuple[int, int, bool]:
+        """(windows, tokens per window, strict): a size the user chose is refused when the text is too short;
+        the defaults take what a shorter text holds instead."""
+        strict = self.calib_samples is not None or self.seq_len is not None
+        return self.calib_samples or DEFAULT_CALIB_SAMPLES, self.seq_len or DEFAULT_SEQ_LEN, strict
 
     def to_dict(self) -> dict:
         return {"format": CONFIG_FORMAT, **asdict(self)}

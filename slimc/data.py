@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -137,18 +138,24 @@ def _token_ids(tokenizer, source: str, split: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
-def calibration_samples(tokenizer, source: str, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+def calibration_samples(tokenizer, source: str, n_samples: int, seq_len: int, seed: int,
+                        strict: bool = True) -> torch.Tensor:
     """[n_samples, seq_len] LongTensor: distinct non-overlapping windows of the calibration text, chosen at
     random (seeded) and returned in text order. A .jsonl file of conversations is rendered with the model's
-    chat template instead, in a seeded order, each window starting at a conversation."""
+    chat template instead, in a seeded order, each window starting at a conversation. A text too short for
+    n_samples windows is refused when `strict` (the user chose the size), else all its windows are used and
+    one line says so."""
     if n_samples < 1 or seq_len < 1:
         raise SlimcError(f"calibration needs at least 1 sample of at least 1 token (got {n_samples} x {seq_len})")
     from .chat import is_conversation_file
 
     if is_conversation_file(source):
-        return _conversation_samples(tokenizer, source, n_samples, seq_len, seed)
+        return _conversation_samples(tokenizer, source, n_samples, seq_len, seed, strict)
     ids = _token_ids(tokenizer, source, "calibration")
     n_windows = ids.numel() // seq_len
+    if 0 < n_windows < n_samples and not strict:
+        _say_fewer(source, n_windows, n_samples, seq_len, f"{ids.numel():,} tokens")
+        n_samples = n_windows
     if n_windows < n_samples:
         raise SlimcError(
             f"calibration text {source!r} has {ids.numel():,} tokens, {n_samples} samples x {seq_len} tokens need "
@@ -159,7 +166,13 @@ def calibration_samples(tokenizer, source: str, n_samples: int, seq_len: int, se
     return windows[pick.sort().values]
 
 
-def _conversation_samples(tokenizer, source: str, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+def _say_fewer(source: str, have: int, asked: int, seq_len: int, what: str) -> None:
+    print(f"slimc: calibration text {source!r} ({what}) holds {have} windows of {seq_len} tokens, fewer than the "
+          f"default {asked}: calibrating on {have} (set --calib-samples / --seq-len to choose)", file=sys.stderr)
+
+
+def _conversation_samples(tokenizer, source: str, n_samples: int, seq_len: int, seed: int,
+                          strict: bool = True) -> torch.Tensor:
     import random
 
     from .chat import pack_windows, read_conversations
@@ -167,6 +180,9 @@ def _conversation_samples(tokenizer, source: str, n_samples: int, seq_len: int, 
     conversations = read_conversations(source)
     random.Random(seed).shuffle(conversations)
     windows = pack_windows(tokenizer, conversations, seq_len, n_samples)
+    if 0 < windows.shape[0] < n_samples and not strict:
+        _say_fewer(source, windows.shape[0], n_samples, seq_len, f"{len(conversations)} conversations")
+        return windows
     if windows.shape[0] < n_samples:
         raise SlimcError(f"{source}: its conversations fill {windows.shape[0]} windows of {seq_len} tokens, "
                          f"{n_samples} needed: use fewer --calib-samples, a shorter --seq-len, or more conversations")

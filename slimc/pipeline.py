@@ -447,12 +447,12 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
     measured = cfg.schedule == "measured" and not cfg.plan  # the plan needs each layer's measured costs
     need_calib = not cfg.plan_only or measured
     with timer.stage("calibration data"):
-        n = cfg.calib_samples if need_calib else 1
-        samples = data.calibration_samples(loaded.tokenizer, cfg.calib, n, cfg.seq_len, cfg.seed)
-        chat_mix = None
+        n, seq_len, strict = cfg.calibration_request()
+        samples = data.calibration_samples(loaded.tokenizer, cfg.calib, n if need_calib else 1, seq_len, cfg.seed, strict)
+        n_plain, chat_mix = samples.shape[0], None
         if need_calib and chat.chat_calibration_enabled(cfg.chat_calib, loaded.tokenizer):
             chat_windows, chat_mix = chat.calibration_windows(
-                model, loaded.tokenizer, cfg.calib, cfg.calib_samples, cfg.seq_len, cfg.seed, cfg.chat_mix,
+                model, loaded.tokenizer, cfg.calib, n_plain, seq_len, cfg.seed, cfg.chat_mix,
                 cfg.chat_data, model_fingerprint(model))
             samples = torch.cat([samples, chat_windows])
         inputs = catch_block_inputs(model, samples, device="cpu")
@@ -489,7 +489,7 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
         else:
             plan = solve_plan(shapes, cfg.sparsity, cfg.schedule, cfg.gqa, cfg.align_ffn, cfg.tp, cfg.head_rounding)
         plan.source_model, plan.method, plan.seed, plan.slimc_version = cfg.model, cfg.method, cfg.seed, __version__
-        plan.calibration = {"source": cfg.calib, "samples": cfg.calib_samples, "seq_len": cfg.seq_len}
+        plan.calibration = {"source": cfg.calib, "samples": n_plain if need_calib else n, "seq_len": seq_len}
         if chat_mix:
             plan.calibration["chat"] = chat_mix
     if cfg.plan_only:

@@ -57,6 +57,18 @@ def test_compile_reload_without_slimc_same_logits(tiny_dir, tmp_path):
     assert cfg["layer_num_attention_heads"] == [l["num_attention_heads"] for l in plan["layers"]]
 
 
+def test_default_calibration_size_uses_a_short_text_whole_and_says_so(tiny_dir, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text(TEXT[:6000])
+    res = slimc.compile(str(tiny_dir), str(tmp_path / "out"), 0.3, calib=str(short))  # 128 x 512 by default
+    n = res.report["plan"]["calibration"]["samples"]
+    assert 0 < n < 128 and res.report["plan"]["calibration"]["seq_len"] == 512
+    assert f"holds {n} windows of 512 tokens" in capsys.readouterr().err
+    with pytest.raises(SlimcError, match="use fewer --calib-samples"):  # a size the user chose is refused
+        slimc.compile(str(tiny_dir), str(tmp_path / "out2"), 0.3, calib=str(short), calib_samples=128)
+    assert not (tmp_path / "out2").exists()
+
+
 def test_plan_only_then_reuse(tiny_dir, tmp_path):
     plan_dir = tmp_path / "plan"
     _compile(tiny_dir, plan_dir, sparsity=0.4, plan_only=True)

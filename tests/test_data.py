@@ -70,6 +70,26 @@ def test_too_little_calibration_text_is_a_clear_error(tmp_path):
         data.calibration_samples(CharTokenizer(), src, 10, 32, 0)
 
 
+def test_default_calibration_size_takes_what_a_short_text_holds(tmp_path, capsys):
+    src = _text_file(tmp_path, "abcdefgh" * 12 + "x")  # 97 tokens: 3 windows of 32
+    windows = data.calibration_samples(CharTokenizer(), src, 10, 32, 0, strict=False)
+    assert windows.shape == (3, 32)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "3 windows of 32 tokens" in err[0] and "default 10" in err[0]
+    with pytest.raises(SlimcError, match="fewer than one window|need"):  # nothing to calibrate on: still refused
+        data.calibration_samples(CharTokenizer(), _text_file(tmp_path, "x" * 10), 10, 32, 0, strict=False)
+
+
+def test_only_a_size_the_user_left_at_the_default_may_shrink():
+    from slimc.config import DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN, CompileConfig
+
+    assert CompileConfig("m", "o").calibration_request() == (DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN, False)
+    assert CompileConfig("m", "o", seq_len=256).calibration_request() == (DEFAULT_CALIB_SAMPLES, 256, True)
+    assert CompileConfig("m", "o", calib_samples=16).calibration_request()[2]
+    with pytest.raises(SlimcError, match="positive"):
+        CompileConfig("m", "o", calib_samples=0)
+
+
 def test_eval_windows_in_order_capped_tail_dropped(tmp_path):
     text = "".join(chr(32 + i % 90) for i in range(1000))
     src = _text_file(tmp_path, text)
