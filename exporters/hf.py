@@ -15,14 +15,16 @@ MODELING_FILE = "modeling_slimc.py"
 LAYOUT_FILE = "layout.py"  # imported by the modeling file (relative import: transformers copies it along)
 
 
-def write_hf(model: nn.Module, tokenizer, plan_json: str, out_dir: Path) -> None:
-    """Write the checkpoint into out_dir (an empty temp dir; the caller renames it into place)."""
+def write_hf(model: nn.Module, tokenizer, plan_json: str, out_dir: Path, max_shard_size: int | None = None) -> None:
+    """Write the checkpoint into out_dir (an empty temp dir; the caller renames it into place): one
+    model.safetensors, or shards of at most `max_shard_size` bytes with model.safetensors.index.json."""
     config_name = type(model.config).__name__
     model.config.auto_map = {
         "AutoConfig": f"{MODELING_FILE[:-3]}.{config_name}",
         "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{type(model).__name__}",
     }
-    model.save_pretrained(out_dir)  # safetensors; tied lm_head is written once
+    # safetensors; tied lm_head is written once; shards only when asked (transformers' own default is 50 GB)
+    model.save_pretrained(out_dir, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     # config.json names the source family's model_type (a type every transformers knows) and points only the
     # model class at modeling_slimc.py. AutoTokenizer always reads config.json through AutoConfig: with an
     # unknown "slimc_*" type and an AutoConfig entry in auto_map it asked "run the custom code? [y/N]" and fell

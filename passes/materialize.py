@@ -43,6 +43,28 @@ def _attention_module(block: nn.Module, s: BlockStructure) -> nn.Module:
     return block.get_submodule(s.attention.o.rpartition(".")[0])
 
 
+def _set_head_counts(attn: nn.Module, nq: int, nkv: int) -> None:
+    # eager attention repeats KV heads by this factor; it is set once from the global config
+    attn.num_key_value_groups = nq // nkv
+    for name, value in (("num_heads", nq), ("num_attention_heads", nq), ("num_key_value_heads", nkv)):
+        if hasattr(attn, name):
+            setattr(attn, name, value)
+
+
+def _set_ffn_width(block: nn.Module, s: BlockStructure, n: int) -> None:
+    mlp = block.get_submodule(s.mlp.down.rpartition(".")[0])
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = n
+
+
+def set_widths_from_weights(block: nn.Module, s: BlockStructure) -> None:
+    """The attention's head counts and the MLP's width, read off the (already cut) weights: what the cut passes
+    set, for a block whose pruned weights were loaded into it (a resumed compile)."""
+    q, kv = head_widths(block, s)
+    _set_head_counts(_attention_module(block, s), q, kv)
+    _set_ffn_width(block, s, block.get_submodule(s.mlp.down).in_features)
+
+
 class MaterializeHeads(BlockPass):
     """Keep only the selected heads: q rows, k/v rows of kept KV heads, o columns; update head attributes."""
 
@@ -55,13 +77,7 @@ class MaterializeHeads(BlockPass):
         _set(block, a.k, _slice_linear(block.get_submodule(a.k), rows=kv_rows))
         _set(block, a.v, _slice_linear(block.get_submodule(a.v), rows=kv_rows))
         _set(block, a.o, _slice_linear(block.get_submodule(a.o), cols=q_rows, weight=result.o_weight))
-        attn = _attention_module(block, s)
-        nq, nkv = len(result.kept_heads), len(result.kept_kv_heads)
-        # eager attention repeats KV heads by this factor; it is set once from the global config
-        attn.num_key_value_groups = nq // nkv
-        for name, value in (("num_heads", nq), ("num_attention_heads", nq), ("num_key_value_heads", nkv)):
-            if hasattr(attn, name):
-                setattr(attn, name, value)
+        _set_head_counts(_attention_module(block, s), len(result.kept_heads), len(result.kept_kv_heads))
 
     def ensures(self, block, s, r, *, result: HeadPruneResult):
         a = s.attention
@@ -82,9 +98,7 @@ class MaterializeChannels(BlockPass):
         _set(block, m.gate, _slice_linear(block.get_submodule(m.gate), rows=result.kept))
         _set(block, m.up, _slice_linear(block.get_submodule(m.up), rows=result.kept))
         _set(block, m.down, _slice_linear(block.get_submodule(m.down), cols=result.kept, weight=result.down_weight))
-        mlp = block.get_submodule(m.down.rpartition(".")[0])
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = len(result.kept)
+        _set_ffn_width(block, s, len(result.kept))
 
     def ensures(self, block, s, r, *, result: ChannelPruneResult):
         m, n = s.mlp, len(result.kept)

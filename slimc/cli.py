@@ -7,7 +7,7 @@ import sys
 
 from .config import METHODS
 from .plan import SCHEDULES
-from .errors import SlimcError
+from .errors import Interrupted, SlimcError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="cpu", help="cpu | cuda")
     c.add_argument("--batch-size", type=int, default=8, help="calibration samples per block forward")
+    c.add_argument("--resume", action="store_true",
+                   help="continue the unfinished compile kept in OUT.partial (a killed or interrupted run of the same "
+                        "command) from its last finished block")
+    c.add_argument("--max-shard-size", help="write the safetensors in shards of at most this size (e.g. 2GB), with "
+                                            "model.safetensors.index.json")
     c.add_argument("--plan-only", action="store_true", help="write only the plan (per-layer widths)")
     c.add_argument("--plan", help="reuse the per-layer widths of a plan JSON")
     c.add_argument("--no-compensate", dest="compensate", action="store_false", help="ablation: no OBS weight update")
@@ -169,11 +174,18 @@ def _assets(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "compile":
+        from . import interrupt
+
+        interrupt.install()  # Ctrl-C stops a compile at a safe point, keeping its finished blocks
     try:
         {"compile": _compile, "eval": _eval, "bench": _bench, "assets": _assets}[args.command](args)
     except SlimcError as e:
         print(f"slimc: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"slimc: interrupted: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("slimc: interrupted", file=sys.stderr)
         return 130

@@ -26,6 +26,19 @@ DEFAULT_CALIB_SAMPLES = 128
 DEFAULT_SEQ_LEN = 512
 
 
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str, option: str) -> int:
+    """'500MB', '2GB', '1GiB' or a byte count -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", str(text).upper())
+    if not m or float(m.group(1)) * SIZE_UNITS[m.group(2) or ""] < 1:
+        raise SlimcError(f"{option} must be a size such as 500MB, 2GB or 1GiB (got {text!r})")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2) or ""])
+
+
 @dataclass
 class CompileConfig:
     model: str
@@ -68,6 +81,8 @@ class CompileConfig:
     percdamp: float = 0.01
     batch_size: int = 8
     overwrite: bool = False
+    resume: bool = False  # continue the unfinished compile kept in OUT.partial (slimc.resume)
+    max_shard_size: str | None = None  # e.g. "2GB": shard the safetensors (None: one file)
 
     def __post_init__(self):
         def one_of(name, value, allowed):
@@ -123,6 +138,8 @@ class CompileConfig:
         for name in ("calib_samples", "seq_len", "align_ffn", "tp", "batch_size", "reconstruct_epochs", "ffn_group_max"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SlimcError(f"--{name.replace('_', '-')} must be a positive integer")
+        if self.max_shard_size is not None:
+            self.max_shard_bytes()  # refuses a malformed size now, not after the compile
         if not self.device.startswith(("cpu", "cuda")):
             raise SlimcError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device.startswith("cuda"):
@@ -130,6 +147,9 @@ class CompileConfig:
 
             if not torch.cuda.is_available():
                 raise SlimcError("--device cuda was asked for but no CUDA GPU is available")
+
+    def max_shard_bytes(self) -> int | None:
+        return None if self.max_shard_size is None else parse_size(self.max_shard_size, "--max-shard-size")
 
     def calibration_request(self) -> tuple[int, int, bool]:
         """(windows, tokens per window, strict): a size the user chose is refused when the text is too short;

@@ -5,6 +5,7 @@ import copy
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -23,13 +24,14 @@ from . import __version__
 from .calibrate import BlockInputs, to_device, catch_block_inputs, collect_hessians, decoder_layers, run_block
 from .capture import BlockStructure, capture_block
 from .config import DISP_METHODS, CompileConfig
-from . import disp, scored, sensitivity
+from . import disp, interrupt, scored, sensitivity
 from .layout import INDEX_SETS
-from .errors import SlimcError
+from .errors import Interrupted, SlimcError
 from .load import DTYPES, LoadedModel, load_model, model_fingerprint
 from .plan import BlockShape, LayerPlan, PruningPlan, solve_measured_plan, solve_plan
 from .reconstruct import reconstruct_block
 from .refit import refit_block
+from .resume import PartialCompile
 
 
 @dataclass
@@ -41,10 +43,14 @@ class CompileResult:
 
 @dataclass
 class StageTimer:
+    """Seconds per stage. Entering a stage is a safe point for Ctrl-C: what is on disk (OUT.partial) is always
+    consistent, and what is in memory is only lost work since the last finished block."""
     seconds: dict = field(default_factory=dict)
+    block: str = ""  # "block 7 of 30" while the block loop runs
 
     @contextmanager
     def stage(self, name: str):
+        interrupt.check(f"stopped in {self.block}" if self.block else f"stopped before the {name} stage")
         t0 = time.perf_counter()
         yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
@@ -99,18 +105,22 @@ def _slice_kwargs(kwargs: dict, length: int) -> dict:
 
 def prune_blocks(loaded: LoadedModel, structures: list[BlockStructure], plan: PruningPlan, inputs,
                  cfg: CompileConfig, timer: StageTimer, shapes: list[BlockShape] | None = None,
-                 state: dict | None = None) -> list[dict]:
+                 state: dict | None = None, partial: PartialCompile | None = None,
+                 done_rows: list[dict] | None = None) -> list[dict]:
     """Block by block: calibrate, prune with the method's block pruner, and the pruned block's outputs become
-    the next block's inputs. DISP methods leave each block's index sets in its row ("index_sets")."""
+    the next block's inputs. DISP methods leave each block's index sets in its row ("index_sets"). With
+    `partial`, every finished block and what the next one needs are kept on disk; `done_rows` are the rows of
+    blocks a resumed compile already finished (their weights restored, `inputs` the next block's)."""
     device = torch.device(cfg.device)
     layers = decoder_layers(loaded.model)
     inputs.kwargs = to_device(inputs.kwargs, device)  # rotary tables etc. live with the block; hidden states stay cached
     prune_block = BLOCK_PRUNERS.get(cfg.method, _prune_block_slimgpt)
-    rows = []
+    rows = list(done_rows or [])
     # local reconstruction fits each pruned block to the dense model's outputs, so the dense stream is kept too
     state = {"dense_stream": inputs.hidden if cfg.reconstruct or cfg.refit else None, **(state or {})}
-    for i in (bar := tqdm(range(len(layers)), desc="calibrate+prune", unit="block")):
-        state["layer"] = i
+    n = len(layers)
+    for i in (bar := tqdm(range(len(rows), n), desc="calibrate+prune", unit="block", initial=len(rows), total=n)):
+        timer.block, state["layer"] = f"block {i + 1} of {n}", i
         block = layers[i].to(device)
         shape = shapes[i] if shapes else block_shape(block, structures[i])
         row, out = prune_block(block, structures[i], shape, plan.layers[i], inputs, cfg, timer, device, state)
@@ -118,6 +128,9 @@ def prune_blocks(loaded: LoadedModel, structures: list[BlockStructure], plan: Pr
         bar.set_postfix(heads=row["heads"], ffn=row["ffn"], err=f"{row['rel_error']:.3g}")
         inputs.hidden = out
         layers[i] = block.to("cpu") if device.type != "cpu" else block
+        if partial:
+            partial.save_block(i, layers[i], rows[-1], out, state)
+    timer.block = ""
     return rows
 
 
@@ -424,12 +437,39 @@ BLOCK_PRUNERS = {"disp": _prune_block_disp, "slimgpt+disp": _prune_block_disp,
 
 
 def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult:
+    """Checks OUT and OUT.partial, compiles, and keeps or removes the partial state: kept when the compile
+    stopped after finishing a block (or was interrupted), removed once OUT is written."""
+    output = Path(cfg.output)
+    if output.exists() and not cfg.overwrite:
+        raise SlimcError(f"output {output} already exists (use --overwrite to replace it)")
+    partial = None if cfg.plan_only else PartialCompile(output)
+    resuming = bool(partial and partial.exists() and cfg.resume)
+    if partial and partial.exists() and not resuming:
+        if not cfg.overwrite:
+            raise SlimcError(f"{partial.path} holds an unfinished compile ({partial.describe()}): pass --resume to "
+                             "continue it, or --overwrite to start over")
+        partial.discard()
+    elif cfg.resume and partial and not resuming:
+        print(f"slimc: --resume: nothing to resume at {partial.path}; starting fresh", file=sys.stderr)
+    try:
+        result = _compile_model(cfg, keep_model, partial, resuming)
+    except Interrupted as e:
+        raise Interrupted(f"{e}; {partial.resume_hint()}" if partial and partial.exists() else str(e)) from None
+    except BaseException:
+        if partial and partial.exists() and partial.progress().get("blocks_done", 0) == 0:
+            partial.discard()  # nothing finished: an error leaves nothing behind
+        raise
+    if partial:
+        partial.discard()
+    return result
+
+
+def _compile_model(cfg: CompileConfig, keep_model: bool, partial: PartialCompile | None,
+                   resuming: bool) -> CompileResult:
     from . import chat, data, report as report_mod
     from .exporters.hf import PLAN_FILE, write_hf
 
     output = Path(cfg.output)
-    if output.exists() and not cfg.overwrite:
-        raise SlimcError(f"output {output} already exists (use --overwrite to replace it)")
     if cfg.target == "onnx":
         import importlib.util
 
@@ -443,6 +483,11 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
         loaded = load_model(cfg.model, dtype="float32")  # prune in fp32; the output takes the source's dtype
         model = loaded.model
         layers = decoder_layers(model)
+        fingerprint = model_fingerprint(model)
+    if resuming:
+        partial.check(cfg, fingerprint)  # before the slow stages: a changed option is refused at once
+    elif partial:
+        partial.start(cfg, fingerprint)
     out_dtype = DTYPES[cfg.dtype] if cfg.dtype else loaded.dtype
     measured = cfg.schedule == "measured" and not cfg.plan  # the plan needs each layer's measured costs
     need_calib = not cfg.plan_only or measured
@@ -453,7 +498,7 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
         if need_calib and chat.chat_calibration_enabled(cfg.chat_calib, loaded.tokenizer):
             chat_windows, chat_mix = chat.calibration_windows(
                 model, loaded.tokenizer, cfg.calib, n_plain, seq_len, cfg.seed, cfg.chat_mix,
-                cfg.chat_data, model_fingerprint(model))
+                cfg.chat_data, fingerprint)
             samples = torch.cat([samples, chat_windows])
         inputs = catch_block_inputs(model, samples, device="cpu")
     with timer.stage("capture"):
@@ -499,7 +544,16 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
         return CompileResult(output, {"plan": plan.to_dict()})
 
     params_before = sum(p.numel() for p in model.parameters())
-    rows = prune_blocks(loaded, structures, plan, inputs, cfg, timer, shapes, block_state)
+    partial.check_plan(plan.to_json())
+    done_rows = []
+    if resuming:
+        with timer.stage("resume"):
+            resumed = partial.load(layers, structures)
+            done_rows = resumed.rows
+            if resumed.hidden is not None:
+                inputs.hidden = resumed.hidden
+            block_state.update(resumed.state)
+    rows = prune_blocks(loaded, structures, plan, inputs, cfg, timer, shapes, block_state, partial, done_rows)
     del inputs
     disp_trained = None
     if cfg.disp_train:
@@ -529,6 +583,8 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
         chat_probe = chat.probe(slim, loaded.tokenizer) if chat.has_chat_template(loaded.tokenizer) else None
     timer.seconds["total"] = time.perf_counter() - t_start
     report = report_mod.build_report(cfg, plan, rows, params_before, params_after, timer.seconds, sample, chat_probe)
+    if resuming:
+        report["resumed"] = {"blocks_already_done": len(done_rows)}
     if distilled:
         report["distill"] = distilled
     if disp_trained:
@@ -537,9 +593,9 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
         if cfg.target == "vllm":
             from .exporters.vllm import write_vllm
 
-            write_vllm(slim, loaded.tokenizer, plan.to_json(), tmp, cfg.tp)
+            write_vllm(slim, loaded.tokenizer, plan.to_json(), tmp, cfg.tp, cfg.max_shard_bytes())
         else:
-            write_hf(slim, loaded.tokenizer, plan.to_json(), tmp)
+            write_hf(slim, loaded.tokenizer, plan.to_json(), tmp, cfg.max_shard_bytes())
         if cfg.target == "onnx":
             from .exporters.onnx import export_onnx
 
