@@ -9,11 +9,9 @@ from pathlib import Path
 from slimc.errors import SlimcError
 from slimc.vllm_mapping import check_tensor_parallel
 
-from .hf import write_hf
 
-
-def write_vllm(model, tokenizer, plan_json: str, out_dir: Path, tp: int, max_shard_size: int | None = None) -> None:
-    write_hf(model, tokenizer, plan_json, out_dir, max_shard_size)
+def check_servable(out_dir: Path, tp: int) -> None:
+    """Every layer of the checkpoint in out_dir must be servable with tensor parallel `tp`."""
     bad = check_tensor_parallel(json.loads((out_dir / "config.json").read_text()), tp)
     if bad:
         raise SlimcError(f"the pruned widths are not servable with --tp {tp}: {bad[0]} (and {len(bad) - 1} more)")

@@ -23,6 +23,7 @@ import hashlib
 import json
 import random
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,16 +244,20 @@ def _key(*parts) -> str:
 
 
 def self_generated_conversations(model, tokenizer, text: str | None, seed: int, model_key: str,
-                                 cache: Path | None = None) -> list[Conversation]:
+                                 cache: Path | None = None, materialize=None) -> list[Conversation]:
     """The dense model's own conversations: built-in calibration instructions plus SELF_GEN_DERIVED instructions
-    about passages of `text`, answered greedily, in a seeded order. Cached per model, instruction set and seed."""
+    about passages of `text`, answered greedily, in a seeded order. Cached per model, instruction set and seed.
+    `materialize`: a context manager that holds the model's weights while it generates (a streamed compile)."""
     from .assets import cache_dir
 
     prompts = builtin_prompts("calibration") + (derived_instructions(text, SELF_GEN_DERIVED, seed) if text else [])
     random.Random(f"self-{seed}").shuffle(prompts)
     path = (cache or cache_dir() / "chat-calib") / f"{_key(SELF_GEN_VERSION, model_key, prompts, SELF_GEN_TOKENS)}.json"
-    answers = _cached_answers(path, lambda: generate_answers(model, tokenizer, prompts, SELF_GEN_TOKENS,
-                                                             desc="self-generated chat calibration"))
+    def make():
+        with materialize() if materialize else nullcontext():
+            return generate_answers(model, tokenizer, prompts, SELF_GEN_TOKENS, desc="self-generated chat calibration")
+
+    answers = _cached_answers(path, make)
     # an empty answer teaches nothing about the assistant turn
     return [p + [{"role": "assistant", "content": a.text}] for p, a in zip(prompts, answers) if a.text]
 
@@ -278,7 +283,7 @@ def chat_calibration_enabled(mode: str, tokenizer) -> bool:
 
 
 def calibration_windows(model, tokenizer, source: str, n_plain: int, seq_len: int, seed: int, mix: float,
-                        kind: str, model_key: str) -> tuple[torch.Tensor, dict]:
+                        kind: str, model_key: str, materialize=None) -> tuple[torch.Tensor, dict]:
     """round(mix * n_plain) chat windows: self-generated conversations, framed calibration text, or half each
     ("both"); one kind fills in where the other runs out. Returns the windows and a description of the mix."""
     from .data import load_text
@@ -289,7 +294,7 @@ def calibration_windows(model, tokenizer, source: str, n_plain: int, seq_len: in
     want_self = {"self": n_chat, "framed": 0, "both": (n_chat + 1) // 2}[kind]
     if not framed:
         want_self = n_chat  # nothing to frame (a conversation file as --calib): all self-generated
-    own = self_generated_conversations(model, tokenizer, text, seed, model_key) if want_self else []
+    own = self_generated_conversations(model, tokenizer, text, seed, model_key, materialize=materialize) if want_self else []
     w_self = pack_windows(tokenizer, own, seq_len, want_self)
     w_framed = pack_windows(tokenizer, framed, seq_len, n_chat - w_self.shape[0])
     info = {"windows": 0, "seq_len": seq_len, "kind": kind, "mix": mix}

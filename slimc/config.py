@@ -83,6 +83,7 @@ class CompileConfig:
     overwrite: bool = False
     resume: bool = False  # continue the unfinished compile kept in OUT.partial (slimc.resume)
     max_shard_size: str | None = None  # e.g. "2GB": shard the safetensors (None: one file)
+    stream: bool = False  # one block in memory at a time: read from the source when calibrated, written when pruned
 
     def __post_init__(self):
         def one_of(name, value, allowed):
@@ -138,6 +139,8 @@ class CompileConfig:
         for name in ("calib_samples", "seq_len", "align_ffn", "tp", "batch_size", "reconstruct_epochs", "ffn_group_max"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SlimcError(f"--{name.replace('_', '-')} must be a positive integer")
+        if self.stream:
+            self._check_streamable()
         if self.max_shard_size is not None:
             self.max_shard_bytes()  # refuses a malformed size now, not after the compile
         if not self.device.startswith(("cpu", "cuda")):
@@ -147,6 +150,15 @@ class CompileConfig:
 
             if not torch.cuda.is_available():
                 raise SlimcError("--device cuda was asked for but no CUDA GPU is available")
+
+    def _check_streamable(self) -> None:
+        """What a streamed compile cannot do: each needs the whole model (or every block's index sets) at once."""
+        whole = [("--target onnx", self.target == "onnx"), ("--schedule measured", self.schedule == "measured" and not self.plan),
+                 ("--refit", self.refit), ("--reconstruct-weighting fisher", self.reconstruct and self.reconstruct_weighting == "fisher"),
+                 ("--distill-epochs", self.distill_epochs > 0), (f"--method {self.method}", self.method in DISP_METHODS + ("flap",))]
+        names = [name for name, used in whole if used]
+        if names:
+            raise SlimcError(f"--stream: {', '.join(names)} needs the whole model in memory; drop --stream for it")
 
     def max_shard_bytes(self) -> int | None:
         return None if self.max_shard_size is None else parse_size(self.max_shard_size, "--max-shard-size")

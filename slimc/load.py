@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ class LoadedModel:
     name: str  # what the user asked for
     family: str  # base model_type (llama, qwen2, ...)
     dtype: torch.dtype  # the source's own dtype
+    source: object = None  # a streamed compile's weight source (slimc.source); None: every weight is loaded
 
 
 def _resolve(spec: str) -> tuple[str, dict]:
@@ -53,9 +55,20 @@ def _require(module: str, why: str) -> None:
         raise SlimcError(f"{why} needs the optional dependency `{module}` (pip install {module})")
 
 
-def load_model(spec: str, dtype: str | None = None, device: str = "cpu", allow_slimc: bool = False) -> LoadedModel:
-    """Load MODEL for pruning (allow_slimc=False refuses already-pruned checkpoints) or for evaluation."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+@dataclass
+class SourceConfig:
+    """What the MODEL argument names, read without any weights: enough to refuse early and to build a skeleton."""
+    spec: str
+    path: str
+    extra: dict  # from_pretrained arguments (gguf_file)
+    config: object
+    family: str
+    is_slimc: bool
+    dtype: torch.dtype  # the source's own dtype
+
+
+def read_source_config(spec: str, allow_slimc: bool = False) -> SourceConfig:
+    from transformers import AutoConfig
 
     import slimc  # noqa: F401  (registers slimc's own classes with the Auto* factories)
 
@@ -84,9 +97,27 @@ def load_model(spec: str, dtype: str | None = None, device: str = "cpu", allow_s
         source_dtype = DTYPES.get(source_dtype, torch.float32)
     if "gguf_file" in extra or source_dtype is None:
         source_dtype = torch.float32  # GGUF weights are dequantized to fp32
-    want = DTYPES[dtype] if dtype else source_dtype
+    return SourceConfig(spec, path, extra, config, family, is_slimc, source_dtype)
+
+
+def load_tokenizer(src: SourceConfig):
+    from transformers import AutoTokenizer
+
     try:
-        if is_slimc:  # slimc's own classes (the same code as the checkpoint's modeling_slimc.py)
+        return AutoTokenizer.from_pretrained(src.path, **src.extra)
+    except Exception as e:
+        raise SlimcError(f"cannot load the tokenizer of {src.spec}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def load_model(spec: str, dtype: str | None = None, device: str = "cpu", allow_slimc: bool = False) -> LoadedModel:
+    """Load MODEL for pruning (allow_slimc=False refuses already-pruned checkpoints) or for evaluation."""
+    from transformers import AutoModelForCausalLM
+
+    src = read_source_config(spec, allow_slimc)
+    path, extra, config, family = src.path, src.extra, src.config, src.family
+    want = DTYPES[dtype] if dtype else src.dtype
+    try:
+        if src.is_slimc:  # slimc's own classes (the same code as the checkpoint's modeling_slimc.py)
             from .modeling_slimc import CLASSES
 
             config_cls, lm_cls = CLASSES[family]
@@ -94,11 +125,11 @@ def load_model(spec: str, dtype: str | None = None, device: str = "cpu", allow_s
             model = lm_cls.from_pretrained(path, config=config_cls(**d), dtype=want, attn_implementation="sdpa")
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=want, attn_implementation="sdpa", **extra)
-        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
     except SlimcError:
         raise
     except Exception as e:
         raise SlimcError(f"cannot load model {spec}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    tokenizer = load_tokenizer(src)
     # a GGUF-loaded model carries a quantizer marker that blocks saving; the weights are plain fp32 now
     model.hf_quantizer = None
     if getattr(model, "is_quantized", False):
@@ -106,17 +137,20 @@ def load_model(spec: str, dtype: str | None = None, device: str = "cpu", allow_s
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.eval().to(device)
-    return LoadedModel(model, tokenizer, spec, family, source_dtype)
+    return LoadedModel(model, tokenizer, spec, family, src.dtype)
 
 
-def model_fingerprint(model) -> str:
+def model_fingerprint(model, source=None) -> str:
     """Hash of the config and of every parameter's name, shape and sum: the key of everything cached per model
     (dense ONNX exports, chat answers), so a local directory whose weights changed under the same path never
-    hits a stale entry."""
+    hits a stale entry. Parameters still on the meta device (a streamed compile's skeleton) are read from
+    `source` one at a time: the hash is the same as the loaded model's."""
     import hashlib
 
     h = hashlib.sha1(model.config.to_json_string(use_diff=False).encode())
-    with torch.no_grad():
+    with torch.no_grad(), (source.open() if source else nullcontext()) as reader:
         for name, p in model.named_parameters():
+            if p.is_meta:
+                p = reader.get(name)
             h.update(f"{name}{tuple(p.shape)}{p.double().sum().item():.10e}".encode())
     return h.hexdigest()[:16]

@@ -25,14 +25,20 @@ def slim_config(source_config, family: str, plan: PruningPlan):
     return config
 
 
-@torch.no_grad()
-def build_slim_model(pruned: nn.Module, family: str, plan: PruningPlan, dtype: torch.dtype) -> nn.Module:
-    """Instantiate the slimc class on the meta device and move the pruned tensors in (no full-size copy)."""
-    config = slim_config(pruned.config, family, plan)
+def slim_skeleton(source_config, family: str, plan: PruningPlan, dtype: torch.dtype) -> nn.Module:
+    """The slimc model of `plan` on the meta device: its names and shapes, no memory."""
+    config = slim_config(source_config, family, plan)
     config.dtype = dtype
     _, lm_cls = CLASSES[family]
     with torch.device("meta"):
-        model = lm_cls(config)
+        return lm_cls(config)
+
+
+@torch.no_grad()
+def build_slim_model(pruned: nn.Module, family: str, plan: PruningPlan, dtype: torch.dtype) -> nn.Module:
+    """Instantiate the slimc class on the meta device and move the pruned tensors in (no full-size copy)."""
+    model = slim_skeleton(pruned.config, family, plan, dtype)
+    config = model.config
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in pruned.state_dict().items()}  # index sets stay int64
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = set(getattr(model, "_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()

@@ -74,17 +74,22 @@ def block_shape(block: torch.nn.Module, s: BlockStructure) -> BlockShape:
                       gate_up_bias=has_bias(m.gate), down_bias=has_bias(m.down))
 
 
-def capture_structures(layers, inputs) -> list[BlockStructure]:
+def capture_structures(layers, inputs, stream=None) -> list[BlockStructure]:
     """Export blocks with torch.export and analyse their graphs; blocks with identical parameter shapes and
-    class share one capture (exporting all 30+ blocks would cost seconds each for no new information)."""
+    class share one capture (exporting all 30+ blocks would cost seconds each for no new information). A streamed
+    compile's blocks are on the meta device: each one exported is read from the source for the moment."""
     seen: dict = {}
     out = []
-    sample = inputs.hidden[:1, : min(16, inputs.hidden.shape[1])].to(next(layers[0].parameters()).device)
+    sample = inputs.hidden[:1, : min(16, inputs.hidden.shape[1])]
     kwargs = _slice_kwargs(inputs.kwargs, sample.shape[1])
-    for block in layers:
+    for i, block in enumerate(layers):
         sig = (type(block), tuple((n, tuple(p.shape)) for n, p in block.named_parameters()))
         if sig not in seen:
-            seen[sig] = capture_block(block, (sample,), kwargs)
+            if stream:
+                stream.fetch(i)
+            seen[sig] = capture_block(block, (sample.to(next(block.parameters()).device),), kwargs)
+            if stream:
+                stream.release(i)
         out.append(seen[sig])
     return out
 
@@ -106,11 +111,12 @@ def _slice_kwargs(kwargs: dict, length: int) -> dict:
 def prune_blocks(loaded: LoadedModel, structures: list[BlockStructure], plan: PruningPlan, inputs,
                  cfg: CompileConfig, timer: StageTimer, shapes: list[BlockShape] | None = None,
                  state: dict | None = None, partial: PartialCompile | None = None,
-                 done_rows: list[dict] | None = None) -> list[dict]:
+                 done_rows: list[dict] | None = None, stream=None) -> list[dict]:
     """Block by block: calibrate, prune with the method's block pruner, and the pruned block's outputs become
     the next block's inputs. DISP methods leave each block's index sets in its row ("index_sets"). With
     `partial`, every finished block and what the next one needs are kept on disk; `done_rows` are the rows of
-    blocks a resumed compile already finished (their weights restored, `inputs` the next block's)."""
+    blocks a resumed compile already finished (their weights restored, `inputs` the next block's). With
+    `stream` (slimc.stream.BlockStream), each block is read from the source first and written out after."""
     device = torch.device(cfg.device)
     layers = decoder_layers(loaded.model)
     inputs.kwargs = to_device(inputs.kwargs, device)  # rotary tables etc. live with the block; hidden states stay cached
@@ -121,6 +127,8 @@ def prune_blocks(loaded: LoadedModel, structures: list[BlockStructure], plan: Pr
     n = len(layers)
     for i in (bar := tqdm(range(len(rows), n), desc="calibrate+prune", unit="block", initial=len(rows), total=n)):
         timer.block, state["layer"] = f"block {i + 1} of {n}", i
+        if stream:
+            stream.fetch(i)
         block = layers[i].to(device)
         shape = shapes[i] if shapes else block_shape(block, structures[i])
         row, out = prune_block(block, structures[i], shape, plan.layers[i], inputs, cfg, timer, device, state)
@@ -128,8 +136,10 @@ def prune_blocks(loaded: LoadedModel, structures: list[BlockStructure], plan: Pr
         bar.set_postfix(heads=row["heads"], ffn=row["ffn"], err=f"{row['rel_error']:.3g}")
         inputs.hidden = out
         layers[i] = block.to("cpu") if device.type != "cpu" else block
+        if stream:  # into the output shards before progress.json says the block is done
+            stream.finish(i, layers[i])
         if partial:
-            partial.save_block(i, layers[i], rows[-1], out, state)
+            partial.save_block(i, None if stream else layers[i], rows[-1], out, state)
     timer.block = ""
     return rows
 
@@ -431,6 +441,30 @@ def _staging_dir(output: Path, overwrite: bool):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _chat_generation(cfg: CompileConfig, loaded: LoadedModel, stream) -> tuple[str, object]:
+    """--chat-data, and how the dense model is held while it answers the self-generated instructions (which
+    any kind may need: with no text to frame, every chat window is self-generated). A streamed compile reads
+    every block in for that moment when the fp32 model fits in half the RAM, else frames text instead."""
+    if not stream:
+        return cfg.chat_data, None
+    from .stream import dense_fp32_bytes, fits_beside, whole_dense_model
+
+    nbytes = dense_fp32_bytes(loaded.model)
+    if fits_beside(nbytes):
+        return cfg.chat_data, lambda: whole_dense_model(loaded)
+    too_big = (f"--stream: the dense model ({nbytes / 2**30:.1f} GiB in fp32) is more than half this machine's RAM, "
+               "too much to answer the chat-calibration instructions")
+    if cfg.chat_data != "framed":
+        print(f"slimc: {too_big}; calibrating on framed text instead", file=sys.stderr)
+
+    @contextmanager
+    def refuse():
+        raise SlimcError(f"{too_big}, and there is no text to frame: pass --chat-calib off, or a text as --calib")
+        yield
+
+    return "framed", refuse
+
+
 # the block pruner of each method (SlimGPT's handles slimgpt and magnitude)
 BLOCK_PRUNERS = {"disp": _prune_block_disp, "slimgpt+disp": _prune_block_disp,
                  "wanda-sp": scored.prune_block_scored, "flap": scored.prune_block_scored}
@@ -479,11 +513,19 @@ def _compile_model(cfg: CompileConfig, keep_model: bool, partial: PartialCompile
     torch.manual_seed(cfg.seed)
     timer = StageTimer()
     t_start = time.perf_counter()
+    stream = None
     with timer.stage("load"):
-        loaded = load_model(cfg.model, dtype="float32")  # prune in fp32; the output takes the source's dtype
+        if cfg.stream:  # decoder blocks on the meta device, each read from the source when it is worked on
+            from .source import load_skeleton
+            from .stream import BlockStream
+
+            loaded = load_skeleton(cfg.model)
+            stream = BlockStream(loaded)
+        else:
+            loaded = load_model(cfg.model, dtype="float32")  # prune in fp32; the output takes the source's dtype
         model = loaded.model
         layers = decoder_layers(model)
-        fingerprint = model_fingerprint(model)
+        fingerprint = model_fingerprint(model, loaded.source)
     if resuming:
         partial.check(cfg, fingerprint)  # before the slow stages: a changed option is refused at once
     elif partial:
@@ -496,13 +538,14 @@ def _compile_model(cfg: CompileConfig, keep_model: bool, partial: PartialCompile
         samples = data.calibration_samples(loaded.tokenizer, cfg.calib, n if need_calib else 1, seq_len, cfg.seed, strict)
         n_plain, chat_mix = samples.shape[0], None
         if need_calib and chat.chat_calibration_enabled(cfg.chat_calib, loaded.tokenizer):
+            chat_data, materialize = _chat_generation(cfg, loaded, stream)
             chat_windows, chat_mix = chat.calibration_windows(
                 model, loaded.tokenizer, cfg.calib, n_plain, seq_len, cfg.seed, cfg.chat_mix,
-                cfg.chat_data, fingerprint)
+                chat_data, fingerprint, materialize)
             samples = torch.cat([samples, chat_windows])
         inputs = catch_block_inputs(model, samples, device="cpu")
     with timer.stage("capture"):
-        structures = capture_structures(layers, inputs)
+        structures = capture_structures(layers, inputs, stream)
         shapes = [block_shape(b, s) for b, s in zip(layers, structures)]
     if cfg.tp > 1 and model.config.num_attention_heads % cfg.tp:
         raise SlimcError(f"--tp {cfg.tp}: the model's {model.config.num_attention_heads} attention heads cannot be split "
@@ -545,15 +588,23 @@ def _compile_model(cfg: CompileConfig, keep_model: bool, partial: PartialCompile
 
     params_before = sum(p.numel() for p in model.parameters())
     partial.check_plan(plan.to_json())
+    if stream:  # the output's layout follows from the plan: embeddings, norm and lm_head are written now
+        from .stream import WEIGHTS_DIR
+
+        stream.open_output(plan, out_dtype, partial.path / WEIGHTS_DIR, cfg.max_shard_bytes(),
+                           resume=resuming and partial.progress()["blocks_done"] > 0)
     done_rows = []
     if resuming:
         with timer.stage("resume"):
-            resumed = partial.load(layers, structures)
+            resumed = partial.load(None if stream else layers, structures)
             done_rows = resumed.rows
             if resumed.hidden is not None:
                 inputs.hidden = resumed.hidden
             block_state.update(resumed.state)
-    rows = prune_blocks(loaded, structures, plan, inputs, cfg, timer, shapes, block_state, partial, done_rows)
+            for i in range(len(done_rows) if stream else 0):
+                stream.skip(i)
+    rows = prune_blocks(loaded, structures, plan, inputs, cfg, timer, shapes, block_state, partial, done_rows,
+                        stream)
     del inputs
     disp_trained = None
     if cfg.disp_train:
@@ -575,9 +626,14 @@ def _compile_model(cfg: CompileConfig, keep_model: bool, partial: PartialCompile
     with timer.stage("materialize"):
         from .materialize import build_slim_model
 
-        slim = build_slim_model(model, loaded.family, plan, out_dtype)
-        del model, loaded.model
-    params_after = sum(p.numel() for p in slim.parameters())
+        if stream:  # every tensor is in the shards already; the report's sample reads them back block by block
+            stream.close()
+            params_after = stream.params()
+            slim = stream.load_written(stream.directory)
+        else:
+            slim = build_slim_model(model, loaded.family, plan, out_dtype)
+            del model, loaded.model
+            params_after = sum(p.numel() for p in slim.parameters())
     with timer.stage("sample"):
         sample = report_mod.greedy_sample(slim, loaded.tokenizer)
         chat_probe = chat.probe(slim, loaded.tokenizer) if chat.has_chat_template(loaded.tokenizer) else None
@@ -590,12 +646,18 @@ def _compile_model(cfg: CompileConfig, keep_model: bool, partial: PartialCompile
     if disp_trained:
         report["disp_train"] = disp_trained
     with _staging_dir(output, cfg.overwrite) as tmp:
-        if cfg.target == "vllm":
-            from .exporters.vllm import write_vllm
+        if stream:
+            from .exporters.hf import write_hf_files
 
-            write_vllm(slim, loaded.tokenizer, plan.to_json(), tmp, cfg.tp, cfg.max_shard_bytes())
+            stream.move_into(tmp)
+            write_hf_files(stream.skeleton.config, type(stream.skeleton).__name__, loaded.model.generation_config,
+                           loaded.tokenizer, plan.to_json(), tmp)
         else:
             write_hf(slim, loaded.tokenizer, plan.to_json(), tmp, cfg.max_shard_bytes())
+        if cfg.target == "vllm":
+            from .exporters.vllm import check_servable
+
+            check_servable(tmp, cfg.tp)
         if cfg.target == "onnx":
             from .exporters.onnx import export_onnx
 

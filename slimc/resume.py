@@ -6,6 +6,7 @@ from its last finished block (`--resume`) and ends with the same bytes as a run 
       block-00007.safetensors  block 7 as pruned (fp32, exact), its report row in the metadata (tensors beside)
       stream-00008.safetensors what block 8 needs: its inputs, the dense stream (--reconstruct / --refit),
                                the RNG state; only the newest is kept
+      weights/                 --stream: the output shards, each finished block already in its place
 
 Every file is written to a temporary name and renamed into place, and progress.json, renamed last, only names
 files that are complete: a SIGKILL at any moment leaves the previous consistent state.
@@ -75,7 +76,9 @@ class PartialCompile:
 
     @staticmethod
     def _options(cfg) -> dict:
-        return {k: v for k, v in cfg.to_dict().items() if k not in FREE_OPTIONS}
+        # a streamed compile's finished blocks sit in the output shards, laid out by --max-shard-size
+        free = [k for k in FREE_OPTIONS if not (cfg.stream and k == "max_shard_size")]
+        return {k: v for k, v in cfg.to_dict().items() if k not in free}
 
     def start(self, cfg, fingerprint: str) -> None:
         """A fresh compile: an empty partial dir whose progress names the options and the source."""
@@ -114,9 +117,10 @@ class PartialCompile:
 
     # -- block boundaries ------------------------------------------------------------------------------------
 
-    def save_block(self, i: int, block: nn.Module, row: dict, hidden: torch.Tensor, state: dict) -> None:
-        """Block i is finished: keep it, then what block i + 1 needs, then say so in progress.json."""
-        tensors = {f"block.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
+    def save_block(self, i: int, block: nn.Module | None, row: dict, hidden: torch.Tensor, state: dict) -> None:
+        """Block i is finished: keep it, then what block i + 1 needs, then say so in progress.json. A streamed
+        compile passes no block: its tensors are in the output shards already."""
+        tensors = {f"block.{k}": v.detach().contiguous() for k, v in block.state_dict().items()} if block else {}
         row_json = _split_tensors(row, tensors)
         _save(tensors, self.path / f"block-{i:05d}.safetensors", {"row": json.dumps(row_json)})
         stream = {"hidden": hidden.contiguous(), "rng": torch.get_rng_state()}
@@ -130,7 +134,8 @@ class PartialCompile:
             (self.path / old["stream"]).unlink(missing_ok=True)
 
     def load(self, layers, structures) -> Resumed:
-        """Restore the finished blocks into `layers` (their pruned shapes and weights) and the loop's state."""
+        """Restore the finished blocks into `layers` (their pruned shapes and weights; None: a streamed compile,
+        whose finished blocks stay in the output shards) and the loop's state."""
         p = self.progress()
         done = p["blocks_done"]
         resumed = Resumed(done)
@@ -138,7 +143,9 @@ class PartialCompile:
             with safe_open(self.path / f"block-{i:05d}.safetensors", "pt") as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
                 row = json.loads(f.metadata()["row"])
-            _load_block(layers[i], structures[i], {k[len("block."):]: v for k, v in tensors.items() if k.startswith("block.")})
+            if layers is not None:
+                _load_block(layers[i], structures[i], {k[len("block."):]: v for k, v in tensors.items()
+                                                       if k.startswith("block.")})
             resumed.rows.append(_join_tensors(row, tensors))
         if p["stream"]:
             with safe_open(self.path / p["stream"], "pt") as f:

@@ -1,0 +1,196 @@
+"""A streamed compile's source weights: the model as a skeleton on the meta device, each tensor read from the
+checkpoint only when its block is worked on, in fp32, under its transformers name.
+
+Two checkpoint kinds: safetensors (one file or an index of shards, memory-mapped, each file opened only while
+a block is read, so its mapped pages leave the process with it) and GGUF (each tensor dequantized on its own
+with the `gguf` reader, and q/k rows of llama-architecture files put back from llama.cpp's rotary order, as
+transformers' GGUF loader does). The values are exactly what `load_model(..., dtype="float32")` holds."""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import SlimcError
+from .load import LoadedModel, SourceConfig, load_tokenizer, read_source_config
+
+
+class TensorReader:
+    def get(self, name: str) -> torch.Tensor:  # an fp32 tensor the caller owns
+        raise NotImplementedError
+
+
+class SafetensorsSource:
+    def __init__(self, directory: Path):
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: directory / f for name, f in weight_map.items()}
+        elif (directory / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            single = directory / "model.safetensors"
+            with safe_open(single, "pt") as f:
+                self.files = {name: single for name in f.keys()}
+        else:
+            raise SlimcError(f"{directory} has no model.safetensors or model.safetensors.index.json: a streamed compile "
+                             "reads safetensors or GGUF checkpoints (pass --stream off to load it whole)")
+
+    @contextmanager
+    def open(self):
+        from safetensors import safe_open
+
+        handles: dict = {}
+        outer = self
+
+        class Reader(TensorReader):
+            def get(self, name: str) -> torch.Tensor:
+                path = outer.files.get(name)
+                if path is None:
+                    raise SlimcError(f"tensor {name} is not in the checkpoint (pass --stream off to load it whole)")
+                if path not in handles:
+                    handles[path] = safe_open(path, "pt")
+                # a copy: the returned tensor must not keep the file's pages mapped after the block is done
+                return handles[path].get_tensor(name).to(torch.float32, copy=True)
+
+        try:
+            yield Reader()
+        finally:
+            handles.clear()  # closes the mmaps
+
+
+class GGUFSource:
+    def __init__(self, path: Path, config):
+        self.path = path
+        self.config = config
+
+    @contextmanager
+    def open(self):
+        from gguf import MODEL_ARCH_NAMES, GGUFReader, get_tensor_name_map
+        from gguf.quants import dequantize
+
+        reader = GGUFReader(self.path)  # np.memmap of the file: dropped with the reader when the block is done
+        field = reader.fields["general.architecture"]
+        arch_name = bytes(field.parts[field.data[0]]).decode()
+        arch = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch_name), None)
+        if arch is None:
+            raise SlimcError(f"GGUF architecture {arch_name!r} is unknown to the installed gguf package")
+        name_map = get_tensor_name_map(arch, self.config.num_hidden_layers)
+        tensors = {t.name: t for t in reader.tensors}
+        heads, kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
+        file_name = self.path.name
+
+        class Reader(TensorReader):
+            def get(self, name: str) -> torch.Tensor:
+                base, _, suffix = name.rpartition(".")
+                gguf_name = name_map.get_name(base)
+                t = tensors.get(f"{gguf_name}.{suffix}") if gguf_name else None
+                if t is None and name == "lm_head.weight":
+                    t = tensors.get("token_embd.weight")  # tied output: llama.cpp stores the embedding once
+                if t is None:
+                    raise SlimcError(f"tensor {name} is not in {file_name}")
+                w = dequantize(t.data, t.tensor_type)
+                if arch_name == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias",
+                                                             "attn_k.bias")):
+                    w = unpermute_rotary_rows(w, heads if ".attn_q." in t.name else kv_heads)
+                return torch.from_numpy(w.copy()).to(torch.float32)
+
+        try:
+            yield Reader()
+        finally:
+            del reader, tensors
+
+
+def unpermute_rotary_rows(w, n_heads: int):
+    """Undo llama.cpp's conversion of q/k rows: per head, it interleaves the two rotary halves (rows
+    0, d/2, 1, d/2+1, ...); transformers' rotary code wants the halves back in order."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def open_source(src: SourceConfig):
+    if "gguf_file" in src.extra:
+        return GGUFSource(Path(src.path) / src.extra["gguf_file"], src.config)
+    directory = Path(src.path)
+    if not directory.is_dir():  # a hub id: the snapshot on disk (downloaded once, like from_pretrained does)
+        try:
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(src.path, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+        except Exception as e:
+            raise SlimcError(f"cannot fetch {src.spec} from the hub: {str(e).splitlines()[0]}") from e
+    return SafetensorsSource(directory)
+
+
+def load_skeleton(spec: str) -> LoadedModel:
+    """The model with every decoder block on the meta device and everything else (embeddings, final norm,
+    lm_head, rotary tables) in fp32: what a streamed compile keeps for its whole run."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    src = read_source_config(spec)
+    source = open_source(src)
+    if "gguf_file" not in src.extra:
+        src = read_source_config(str(source_dir(source)))  # a hub id: the snapshot's config from here on
+        src.spec = spec
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32, attn_implementation="sdpa")
+    layers = model.model.layers
+    in_blocks = {id(p) for p in layers.parameters()}
+    with source.open() as reader, torch.no_grad():
+        for name, p in list(model.named_parameters()):
+            if id(p) not in in_blocks:
+                _assign(model, name, reader.get(name))
+    if src.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for name, module in model.named_modules():
+        if any(b.is_meta for b in module.buffers(recurse=False)) and not name.startswith("model.layers."):
+            if not type(module).__name__.endswith("RotaryEmbedding"):
+                raise SlimcError(f"cannot stream {spec}: module {name} holds buffers slimc does not know how to rebuild")
+            parent, _, leaf = name.rpartition(".")
+            model.get_submodule(parent).register_module(leaf, type(module)(config=model.config))
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(src.path, **src.extra)
+    except Exception:  # no generation_config.json: what from_pretrained derives from the model config
+        model.generation_config = GenerationConfig.from_model_config(src.config)
+    model.eval()
+    return LoadedModel(model, load_tokenizer(src), spec, src.family, src.dtype, source)
+
+
+def source_dir(source) -> Path:
+    return next(iter(source.files.values())).parent
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    parent, _, leaf = name.rpartition(".")
+    module = model.get_submodule(parent)
+    old = module._parameters[leaf]
+    if tuple(old.shape) != tuple(tensor.shape):
+        raise SlimcError(f"tensor {name} has shape {tuple(tensor.shape)} in the checkpoint, the config says "
+                         f"{tuple(old.shape)}")
+    module._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+
+
+def fetch_block(loaded: LoadedModel, i: int) -> nn.Module:
+    """Read block i's weights from the source (fp32) into its skeleton."""
+    block = loaded.model.model.layers[i]
+    with loaded.source.open() as reader, torch.no_grad():
+        for name, _ in list(block.named_parameters()):
+            _assign(block, name, reader.get(f"model.layers.{i}.{name}"))
+    return block
+
+
+def release_block(loaded: LoadedModel, i: int) -> None:
+    loaded.model.model.layers[i].to("meta")
+
+
+def fetch_all(loaded: LoadedModel) -> None:
+    for i in range(len(loaded.model.model.layers)):
+        fetch_block(loaded, i)
+
+
+def release_all(loaded: LoadedModel) -> None:
+    for i in range(len(loaded.model.model.layers)):
+        release_block(loaded, i)
