@@ -126,8 +126,8 @@ def open_source(src: SourceConfig):
 
 
 def load_skeleton(spec: str) -> LoadedModel:
-    """The model with every decoder block on the meta device and everything else (embeddings, final norm,
-    lm_head, rotary tables) in fp32: what a streamed compile keeps for its whole run."""
+    """The model with every decoder block (and an untied lm_head) on the meta device, and what the first block's
+    inputs need (embeddings, final norm, rotary tables) in fp32."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     src = read_source_config(spec)
@@ -138,10 +138,10 @@ def load_skeleton(spec: str) -> LoadedModel:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32, attn_implementation="sdpa")
     layers = model.model.layers
-    in_blocks = {id(p) for p in layers.parameters()}
+    later = {id(p) for p in layers.parameters()} | {id(model.lm_head.weight)}  # read when needed
     with source.open() as reader, torch.no_grad():
         for name, p in list(model.named_parameters()):
-            if id(p) not in in_blocks:
+            if id(p) not in later:
                 _assign(model, name, reader.get(name))
     if src.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -186,11 +186,17 @@ def release_block(loaded: LoadedModel, i: int) -> None:
     loaded.model.model.layers[i].to("meta")
 
 
-def fetch_all(loaded: LoadedModel) -> None:
-    for i in range(len(loaded.model.model.layers)):
-        fetch_block(loaded, i)
+def fetch_rest(loaded: LoadedModel) -> list[str]:
+    """Read every parameter still on the meta device (the whole dense model, for a moment); returns their names."""
+    names = [name for name, p in loaded.model.named_parameters() if p.is_meta]
+    with loaded.source.open() as reader, torch.no_grad():
+        for name in names:
+            _assign(loaded.model, name, reader.get(name))
+    return names
 
 
-def release_all(loaded: LoadedModel) -> None:
-    for i in range(len(loaded.model.model.layers)):
-        release_block(loaded, i)
+def release(loaded: LoadedModel, names: list[str]) -> None:
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        module = loaded.model.get_submodule(parent)
+        module._parameters[leaf] = nn.Parameter(module._parameters[leaf].to("meta"), requires_grad=False)

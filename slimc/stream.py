@@ -60,10 +60,13 @@ class BlockStream:
         directory.mkdir(parents=True, exist_ok=True)
         self.writer = CheckpointWriter(directory, _entries(self.skeleton, out_dtype), max_shard_bytes, resume)
         self.directory = directory
-        with torch.no_grad():
-            for name, v in self.loaded.model.state_dict().items():
+        model = self.loaded.model
+        with torch.no_grad(), self.loaded.source.open() as reader:
+            for name, v in model.state_dict().items():
                 if not name.startswith("model.layers.") and name in self.writer.where:
-                    self.writer.write(name, self._cast(v))
+                    self.writer.write(name, self._cast(reader.get(name) if v.is_meta else v))
+        # the blocks' inputs are cached: from here on the embeddings are only in the output
+        model.model.embed_tokens.to("meta")
 
     def _cast(self, v: torch.Tensor) -> torch.Tensor:
         return v.to(self.out_dtype) if v.is_floating_point() else v
@@ -136,13 +139,13 @@ def _drop_weights(module, args, output) -> None:
 @contextmanager
 def whole_dense_model(loaded: LoadedModel):
     """Every block of a streamed source in memory, for a moment (the dense model's own chat answers)."""
-    from .source import fetch_all, release_all
+    from .source import fetch_rest, release
 
-    fetch_all(loaded)
+    names = fetch_rest(loaded)
     try:
         yield loaded.model
     finally:
-        release_all(loaded)
+        release(loaded, names)
 
 
 def dense_fp32_bytes(model: nn.Module) -> int:
