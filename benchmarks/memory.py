@@ -7,6 +7,8 @@ and config.json are compared byte for byte.
 
     python benchmarks/memory.py --out bench-out/memory smollm2   # SmolLM2 at 30 %, 32 x 512 calibration tokens
     python benchmarks/memory.py --out bench-out/memory depth     # random Llama-shaped bf16 models, 2/4/8/16 layers
+    python benchmarks/memory.py --out bench-out/memory resume    # SmolLM2 --stream SIGKILLed at 60 %, then --resume
+    python benchmarks/memory.py --out bench-out/memory llama8b   # Llama-3.1-8B-shaped bf16, 8 of its 32 layers
 
 Random weights are for memory and speed only, never for quality.
 """
@@ -16,14 +18,20 @@ import argparse
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 # one width for the depth sweep: a 1B-class block (hidden 2048, 16 q / 4 KV heads of 128, FFN 5632)
 DEPTH_SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=4,
                    head_dim=128, max_position_embeddings=4096)
 DEPTHS = (2, 4, 8, 16)
+# Llama-3.1-8B's block (hidden 4096, 32 q / 8 KV heads of 128, FFN 14336, vocab 128,256, untied lm_head)
+LLAMA8B_SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, max_position_embeddings=8192, vocab_size=128_256, rope_theta=500_000.0)
+SMOLLM2_ARGS = ["smollm2-135m", "--sparsity", "0.3", "--calib-samples", "32", "--seq-len", "512"]
 
 
 def timed_compile(args: list[str]) -> dict:
@@ -58,27 +66,91 @@ def pair(name: str, args: list[str], out: Path, results: dict, results_path: Pat
     results_path.write_text(json.dumps(results, indent=2))
 
 
-def random_llama(directory: Path, layers: int) -> Path:
-    """A Llama-shaped model of DEPTH_SHAPE with `layers` blocks, random bf16 weights, sharded safetensors, and
-    SmolLM2's tokenizer (vocab 49,152): what a real bf16 checkpoint on disk looks like, without its quality."""
+def random_llama(directory: Path, layers: int, shape: dict = DEPTH_SHAPE) -> Path:
+    """A Llama-shaped model with `layers` blocks, random bf16 weights (N(0, 0.02)), sharded safetensors written
+    one tensor at a time (an 8B-shaped model never exists in memory), and SmolLM2's tokenizer: what a real bf16
+    checkpoint on disk looks like, without its quality."""
     if (directory / "config.json").is_file():
         return directory
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from slimc.load import load_model
+    from slimc.checkpoint import CheckpointWriter, Entry
+    from slimc.load import load_tokenizer, read_source_config
 
-    tokenizer = load_model("smollm2-135m").tokenizer
-    config = LlamaConfig(**DEPTH_SHAPE, num_hidden_layers=layers, vocab_size=len(tokenizer),
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(layers)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(directory, max_shard_size="1GB")
+    tokenizer = load_tokenizer(read_source_config("smollm2-135m"))
+    shape = {"vocab_size": len(tokenizer), **shape}
+    config = LlamaConfig(**shape, num_hidden_layers=layers, tie_word_embeddings=False, dtype="bfloat16",
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(config)
+    entries = [Entry(k, tuple(v.shape), torch.bfloat16) for k, v in skeleton.state_dict().items()]
+    directory.mkdir(parents=True, exist_ok=True)
+    writer = CheckpointWriter(directory, entries, 2 * 2**30)
+    gen = torch.Generator().manual_seed(layers)
+    for e in entries:
+        t = torch.ones(e.shape) if e.name.endswith("norm.weight") else torch.randn(e.shape, generator=gen) * 0.02
+        writer.write(e.name, t.to(torch.bfloat16))
+    writer.close()
+    config.save_pretrained(directory)
+    GenerationConfig.from_model_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 
 
+def resume_after_kill(out: Path, results: dict, results_path: Path, fraction: float = 0.6) -> None:
+    """A streamed SmolLM2 compile straight through, then the same command SIGKILLed once `fraction` of its
+    blocks are finished and re-run with --resume: the resumed run's wall time against the full run's."""
+    name = f"SmolLM2 --stream, SIGKILL after {fraction:.0%} of the blocks, then --resume"
+    if name in results:
+        return
+    full_dir, killed_dir = out / "resume-full", out / "resume-killed"
+    print("== resume: full run", flush=True)
+    full = timed_compile([*SMOLLM2_ARGS, "-o", str(full_dir), "--overwrite", "--stream"])
+    blocks = len(json.loads((full_dir / "report.json").read_text())["layers"])
+    shutil.rmtree(killed_dir, ignore_errors=True)
+    shutil.rmtree(out / "resume-killed.partial", ignore_errors=True)
+    print("== resume: the run to kill", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "slimc.cli", "compile", *SMOLLM2_ARGS, "-o", str(killed_dir), "--stream"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = out / "resume-killed.partial" / "progress.json"
+    want = round(fraction * blocks)
+    while proc.poll() is None:
+        try:
+            if json.loads(progress.read_text()).get("blocks_done", 0) >= want:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    killed_after = time.perf_counter() - t0
+    done = json.loads(progress.read_text())["blocks_done"]
+    print("== resume: --resume", flush=True)
+    resumed = timed_compile([*SMOLLM2_ARGS, "-o", str(killed_dir), "--stream", "--resume"])
+    results[name] = {"full": full, "killed_after_s": killed_after, "blocks_done_at_kill": done, "blocks": blocks,
+                     "resumed": resumed, "same_bytes": digest(full_dir) == digest(killed_dir)}
+    results_path.write_text(json.dumps(results, indent=2))
+
+
 def markdown(results: dict) -> str:
+    pairs = {k: v for k, v in results.items() if "memory" in v}
+    text = markdown_pairs(pairs)
+    for name, r in results.items():
+        if "resumed" in r:
+            text += (f"\n\n{name}: killed {r['killed_after_s']:.0f} s in with {r['blocks_done_at_kill']} of {r['blocks']} "
+                     f"blocks done; --resume {r['resumed']['wall_s']:.0f} s against {r['full']['wall_s']:.0f} s straight "
+                     f"through = {r['resumed']['wall_s'] / r['full']['wall_s']:.2f} x; peak RSS "
+                     f"{r['resumed']['peak_rss_mb']:,.0f} MB; same bytes: {'yes' if r['same_bytes'] else 'NO'}")
+        if "streamed_only" in r:
+            s = r["streamed_only"]
+            text += (f"\n\n{name}: --stream peak RSS {s['peak_rss_mb']:,.0f} MB, wall {s['wall_s']:.0f} s "
+                     f"(stages: {', '.join(f'{k} {v:.0f}s' for k, v in s['seconds'].items())})")
+    return text
+
+
+def markdown_pairs(results: dict) -> str:
     head = ("| model | in-memory peak RSS MB | streamed peak RSS MB | streamed / in-memory | in-memory wall s | "
             "streamed wall s | streamed / in-memory | same bytes |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -92,7 +164,7 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("parts", nargs="+", choices=["smollm2", "depth"])
+    p.add_argument("parts", nargs="+", choices=["smollm2", "depth", "resume", "llama8b"])
     p.add_argument("--out", default="bench-out/memory")
     p.add_argument("--depths", default=",".join(map(str, DEPTHS)))
     args = p.parse_args()
@@ -101,14 +173,26 @@ def main() -> None:
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     if "smollm2" in args.parts:
-        pair("SmolLM2-135M (GGUF) 30 %, 32 x 512", ["smollm2-135m", "--sparsity", "0.3", "--calib-samples", "32",
-                                                   "--seq-len", "512"], out, results, results_path)
+        pair("SmolLM2-135M (GGUF) 30 %, 32 x 512", SMOLLM2_ARGS, out, results, results_path)
     if "depth" in args.parts:
         for layers in map(int, args.depths.split(",")):
             src = random_llama(out / f"random-llama-{layers}", layers)
             pair(f"random Llama bf16, {layers} layers (hidden 2048, FFN 5632) 30 %, 16 x 256",
                  [str(src), "--sparsity", "0.3", "--calib-samples", "16", "--seq-len", "256", "--chat-calib", "off"],
                  out, results, results_path)
+    if "resume" in args.parts:
+        resume_after_kill(out, results, results_path)
+    if "llama8b" in args.parts:
+        name = "random Llama-3.1-8B-shaped bf16, 8 of 32 layers, 30 %, 8 x 128, --stream"
+        if name not in results:
+            src = random_llama(out / "random-llama8b-8", 8, LLAMA8B_SHAPE)
+            target = out / "llama8b-stream"
+            print(f"== {name}", flush=True)
+            run = timed_compile([str(src), "-o", str(target), "--overwrite", "--stream", "--sparsity", "0.3",
+                                 "--calib-samples", "8", "--seq-len", "128", "--chat-calib", "off", "--max-shard-size", "2GB"])
+            run["seconds"] = json.loads((target / "report.json").read_text())["seconds"]
+            results[name] = {"streamed_only": run}
+            results_path.write_text(json.dumps(results, indent=2))
     print(markdown(results))
 
 

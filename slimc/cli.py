@@ -60,9 +60,10 @@ def _parser() -> argparse.ArgumentParser:
                         "command) from its last finished block")
     c.add_argument("--max-shard-size", help="write the safetensors in shards of at most this size (e.g. 2GB), with "
                                             "model.safetensors.index.json")
-    c.add_argument("--stream", action="store_true",
+    c.add_argument("--stream", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                    help="hold one decoder block in memory at a time: each block's weights are read from the source "
-                        "(safetensors or GGUF) when it is calibrated and written to OUT as soon as it is pruned")
+                        "(safetensors or GGUF) when it is calibrated and written to OUT as soon as it is pruned; "
+                        "auto (default): whenever the source is local and no option needs the whole model")
     c.add_argument("--plan-only", action="store_true", help="write only the plan (per-layer widths)")
     c.add_argument("--plan", help="reuse the per-layer widths of a plan JSON")
     c.add_argument("--no-compensate", dest="compensate", action="store_false", help="ablation: no OBS weight update")

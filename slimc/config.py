@@ -10,6 +10,7 @@ from .plan import GQA_MODES, HEAD_ROUNDINGS, SCHEDULES
 
 TARGETS = ("hf", "vllm", "onnx")
 METHODS = ("slimgpt", "magnitude", "wanda-sp", "flap", "disp", "slimgpt+disp")
+STREAM_MODES = ("auto", "on", "off")
 DISP_METHODS = ("disp", "slimgpt+disp")  # each block reads / writes its own subset of the hidden dims
 HEAD_SCORES = ("grouped", "column")
 GQA_ORDERS = ("joint", "sequential")
@@ -83,7 +84,7 @@ class CompileConfig:
     overwrite: bool = False
     resume: bool = False  # continue the unfinished compile kept in OUT.partial (slimc.resume)
     max_shard_size: str | None = None  # e.g. "2GB": shard the safetensors (None: one file)
-    stream: bool = False  # one block in memory at a time: read from the source when calibrated, written when pruned
+    stream: str = "auto"  # on: one block in memory at a time (slimc.stream); auto: whenever the options and source allow
 
     def __post_init__(self):
         def one_of(name, value, allowed):
@@ -139,8 +140,10 @@ class CompileConfig:
         for name in ("calib_samples", "seq_len", "align_ffn", "tp", "batch_size", "reconstruct_epochs", "ffn_group_max"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SlimcError(f"--{name.replace('_', '-')} must be a positive integer")
-        if self.stream:
-            self._check_streamable()
+        one_of("stream", self.stream, STREAM_MODES)
+        if self.stream == "on" and self.needs_whole_model():
+            raise SlimcError(f"--stream: {', '.join(self.needs_whole_model())} needs the whole model in memory; "
+                             "drop --stream for it")
         if self.max_shard_size is not None:
             self.max_shard_bytes()  # refuses a malformed size now, not after the compile
         if not self.device.startswith(("cpu", "cuda")):
@@ -151,14 +154,12 @@ class CompileConfig:
             if not torch.cuda.is_available():
                 raise SlimcError("--device cuda was asked for but no CUDA GPU is available")
 
-    def _check_streamable(self) -> None:
+    def needs_whole_model(self) -> list[str]:
         """What a streamed compile cannot do: each needs the whole model (or every block's index sets) at once."""
         whole = [("--target onnx", self.target == "onnx"), ("--schedule measured", self.schedule == "measured" and not self.plan),
                  ("--refit", self.refit), ("--reconstruct-weighting fisher", self.reconstruct and self.reconstruct_weighting == "fisher"),
                  ("--distill-epochs", self.distill_epochs > 0), (f"--method {self.method}", self.method in DISP_METHODS + ("flap",))]
-        names = [name for name, used in whole if used]
-        if names:
-            raise SlimcError(f"--stream: {', '.join(names)} needs the whole model in memory; drop --stream for it")
+        return [name for name, used in whole if used]
 
     def max_shard_bytes(self) -> int | None:
         return None if self.max_shard_size is None else parse_size(self.max_shard_size, "--max-shard-size")

@@ -477,6 +477,7 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
     if output.exists() and not cfg.overwrite:
         raise SlimcError(f"output {output} already exists (use --overwrite to replace it)")
     partial = None if cfg.plan_only else PartialCompile(output)
+    streamed = _use_stream(cfg, keep_model)
     resuming = bool(partial and partial.exists() and cfg.resume)
     if partial and partial.exists() and not resuming:
         if not cfg.overwrite:
@@ -486,7 +487,7 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
     elif cfg.resume and partial and not resuming:
         print(f"slimc: --resume: nothing to resume at {partial.path}; starting fresh", file=sys.stderr)
     try:
-        result = _compile_model(cfg, keep_model, partial, resuming)
+        result = _compile_model(cfg, keep_model, partial, resuming, streamed)
     except Interrupted as e:
         raise Interrupted(f"{e}; {partial.resume_hint()}" if partial and partial.exists() else str(e)) from None
     except BaseException:
@@ -498,8 +499,18 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
     return result
 
 
+def _use_stream(cfg: CompileConfig, keep_model: bool) -> bool:
+    """--stream on / off as asked; auto streams a local safetensors or GGUF source unless an option needs the whole
+    model (or the Python API asked for the pruned model in memory)."""
+    if cfg.stream != "auto":
+        return cfg.stream == "on"
+    from .source import streamable_source
+
+    return not (keep_model or cfg.plan_only or cfg.needs_whole_model()) and streamable_source(cfg.model)
+
+
 def _compile_model(cfg: CompileConfig, keep_model: bool, partial: PartialCompile | None,
-                   resuming: bool) -> CompileResult:
+                   resuming: bool, streamed: bool) -> CompileResult:
     from . import chat, data, report as report_mod
     from .exporters.hf import PLAN_FILE, write_hf
 
@@ -515,7 +526,7 @@ def _compile_model(cfg: CompileConfig, keep_model: bool, partial: PartialCompile
     t_start = time.perf_counter()
     stream = None
     with timer.stage("load"):
-        if cfg.stream:  # decoder blocks on the meta device, each read from the source when it is worked on
+        if streamed:  # decoder blocks on the meta device, each read from the source when it is worked on
             from .source import load_skeleton
             from .stream import BlockStream
 
@@ -527,9 +538,9 @@ def _compile_model(cfg: CompileConfig, keep_model: bool, partial: PartialCompile
         layers = decoder_layers(model)
         fingerprint = model_fingerprint(model, loaded.source)
     if resuming:
-        partial.check(cfg, fingerprint)  # before the slow stages: a changed option is refused at once
+        partial.check(cfg, fingerprint, streamed)  # before the slow stages: a changed option is refused at once
     elif partial:
-        partial.start(cfg, fingerprint)
+        partial.start(cfg, fingerprint, streamed)
     out_dtype = DTYPES[cfg.dtype] if cfg.dtype else loaded.dtype
     measured = cfg.schedule == "measured" and not cfg.plan  # the plan needs each layer's measured costs
     need_calib = not cfg.plan_only or measured
@@ -639,6 +650,7 @@ def _compile_model(cfg: CompileConfig, keep_model: bool, partial: PartialCompile
         chat_probe = chat.probe(slim, loaded.tokenizer) if chat.has_chat_template(loaded.tokenizer) else None
     timer.seconds["total"] = time.perf_counter() - t_start
     report = report_mod.build_report(cfg, plan, rows, params_before, params_after, timer.seconds, sample, chat_probe)
+    report["streamed"] = streamed
     if resuming:
         report["resumed"] = {"blocks_already_done": len(done_rows)}
     if distilled:

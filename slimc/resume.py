@@ -75,19 +75,19 @@ class PartialCompile:
     # -- starting and checking -------------------------------------------------------------------------------
 
     @staticmethod
-    def _options(cfg) -> dict:
+    def _options(cfg, streamed: bool) -> dict:
         # a streamed compile's finished blocks sit in the output shards, laid out by --max-shard-size
-        free = [k for k in FREE_OPTIONS if not (cfg.stream and k == "max_shard_size")]
-        return {k: v for k, v in cfg.to_dict().items() if k not in free}
+        free = [k for k in FREE_OPTIONS if not (streamed and k == "max_shard_size")]
+        return {**{k: v for k, v in cfg.to_dict().items() if k not in free}, "streamed": streamed}
 
-    def start(self, cfg, fingerprint: str) -> None:
+    def start(self, cfg, fingerprint: str, streamed: bool) -> None:
         """A fresh compile: an empty partial dir whose progress names the options and the source."""
         self.discard()
         self.path.mkdir(parents=True)
-        self._write_progress({"format": FORMAT, "slimc_version": __version__, "options": self._options(cfg),
+        self._write_progress({"format": FORMAT, "slimc_version": __version__, "options": self._options(cfg, streamed),
                               "source_fingerprint": fingerprint, "plan": None, "blocks_done": 0, "stream": None})
 
-    def check(self, cfg, fingerprint: str) -> None:
+    def check(self, cfg, fingerprint: str, streamed: bool) -> None:
         """Refuse, in one line, to resume with options or a source that would change the result."""
         p = self.progress()
         if p.get("format") != FORMAT:
@@ -96,7 +96,7 @@ class PartialCompile:
         if p.get("slimc_version") != __version__:
             raise SlimcError(f"{self.path} was started by slimc {p.get('slimc_version')}, this is {__version__}: "
                              "use --overwrite to start over")
-        saved, now = p["options"], self._options(cfg)
+        saved, now = p["options"], self._options(cfg, streamed)
         changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
         if changed:
             what = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now.get(k)!r})" for k in changed)

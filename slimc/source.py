@@ -111,6 +111,19 @@ def unpermute_rotary_rows(w, n_heads: int):
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
+def streamable_source(spec: str) -> bool:
+    """Whether `--stream auto` streams MODEL: the built-in model, a .gguf file, or a local directory of safetensors
+    (a hub id or a directory of .bin files loads whole unless --stream is asked for)."""
+    from .load import BUILTIN_MODELS
+
+    if spec in BUILTIN_MODELS:
+        return True
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        return p.is_file()
+    return p.is_dir() and any((p / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json"))
+
+
 def open_source(src: SourceConfig):
     if "gguf_file" in src.extra:
         return GGUFSource(Path(src.path) / src.extra["gguf_file"], src.config)
@@ -138,7 +151,9 @@ def load_skeleton(spec: str) -> LoadedModel:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32, attn_implementation="sdpa")
     layers = model.model.layers
-    later = {id(p) for p in layers.parameters()} | {id(model.lm_head.weight)}  # read when needed
+    later = {id(p) for p in layers.parameters()}  # read when needed, like an untied lm_head
+    if not src.config.tie_word_embeddings:
+        later.add(id(model.lm_head.weight))
     with source.open() as reader, torch.no_grad():
         for name, p in list(model.named_parameters()):
             if id(p) not in later:

@@ -68,17 +68,21 @@ def test_the_same_command_gives_the_same_bytes(tiny_dir, straight, tmp_path):
     assert not resume.partial_dir(out).exists()  # a finished compile leaves no partial state
 
 
-@pytest.mark.parametrize("block", range(LAYERS))
+# the straight run streams (--stream auto); the killed ones alternate between the streamed and in-memory paths
+@pytest.mark.parametrize("block,stream", [(b, "on" if b % 2 else "off") for b in range(LAYERS)])
 def test_resume_after_a_kill_at_each_block_boundary_gives_the_same_bytes(tiny_dir, straight, tmp_path, monkeypatch,
-                                                                          block):
+                                                                          block, stream):
     out = tmp_path / "out"
     with monkeypatch.context() as m:
         _kill_after(m, block)
         with pytest.raises(Killed):
-            _compile(tiny_dir, out, reconstruct=True)
+            _compile(tiny_dir, out, reconstruct=True, stream=stream)
     partial = resume.PartialCompile(out)
     assert not out.exists() and partial.progress()["blocks_done"] == block + 1
-    res = _compile(tiny_dir, out, reconstruct=True, resume=True)
+    if stream == "off":
+        with pytest.raises(SlimcError, match=r"--streamed False \(now True\)"):  # the partial state's format differs
+            _compile(tiny_dir, out, reconstruct=True, resume=True)
+    res = _compile(tiny_dir, out, reconstruct=True, resume=True, stream=stream)
     assert _digests(out) == straight
     assert res.report["resumed"] == {"blocks_already_done": block + 1}
     assert not partial.path.exists()
@@ -102,15 +106,16 @@ def test_partial_state_is_refused_without_resume_and_changed_options_with_it(tin
     with monkeypatch.context() as m:
         _kill_after(m, 0)
         with pytest.raises(Killed):
-            _compile(tiny_dir, out)
+            _compile(tiny_dir, out, stream="off")
     with pytest.raises(SlimcError, match=r"unfinished compile \(1 block finished\): pass --resume.*--overwrite"):
-        _compile(tiny_dir, out)
+        _compile(tiny_dir, out, stream="off")
     with pytest.raises(SlimcError, match=r"--sparsity 0.4 \(now 0.5\)"):
-        _compile(tiny_dir, out, resume=True, sparsity=0.5)
+        _compile(tiny_dir, out, resume=True, sparsity=0.5, stream="off")
     with pytest.raises(SlimcError, match=r"--seed 0 \(now 1\)"):
-        _compile(tiny_dir, out, resume=True, seed=1)
+        _compile(tiny_dir, out, resume=True, seed=1, stream="off")
     assert resume.PartialCompile(out).progress()["blocks_done"] == 1  # a refusal keeps the finished work
-    _compile(tiny_dir, out, resume=True, max_shard_size="20KB")  # the output's file layout is free to change
+    # in memory, the output's file layout is free to change (a streamed compile's is not: test_stream.py)
+    _compile(tiny_dir, out, resume=True, max_shard_size="20KB", stream="off")
     assert (out / "model.safetensors.index.json").is_file()
 
 

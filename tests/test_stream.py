@@ -50,20 +50,21 @@ def _files(out: Path) -> dict:
 
 @pytest.mark.parametrize("family,kw", [("qwen2", {"reconstruct": True, "chat_calib": "off"}), ("qwen3", {"target": "vllm"})])
 def test_streamed_compile_writes_the_same_bytes_as_the_in_memory_one(tmp_path, monkeypatch, family, kw):
-    src = _source(tmp_path, family, chat_template=TINY_CHAT_TEMPLATE)
+    # qwen3 with tied embeddings: the skeleton must read the shared embedding / lm_head once, up front
+    src = _source(tmp_path, family, chat_template=TINY_CHAT_TEMPLATE, tie_word_embeddings=family == "qwen3")
     # each compile answers the self-generated chat instructions itself (its own empty cache): the streamed one
     # with every block read in for that moment
     monkeypatch.setenv("SLIMC_CACHE", str(tmp_path / "cache-streamed"))
-    _compile(src, tmp_path / "streamed", stream=True, **kw)
+    _compile(src, tmp_path / "streamed", stream="on", **kw)
     monkeypatch.setenv("SLIMC_CACHE", str(tmp_path / "cache-memory"))
-    _compile(src, tmp_path / "memory", **kw)
+    _compile(src, tmp_path / "memory", stream="off", **kw)
     if kw.get("chat_calib") != "off":
         assert len(list((tmp_path / "cache-streamed" / "chat-calib").iterdir())) == 1
     a, b = _files(tmp_path / "memory"), _files(tmp_path / "streamed")
     assert sorted(a) == sorted(b)
     assert [name for name in a if a[name] != b[name]] == []
     reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("memory", "streamed")]
-    assert reports[1]["config"]["stream"] is True
+    assert reports[1]["streamed"] is True and reports[0]["streamed"] is False
     # the report's sample, read back block by block, is the in-memory model's greedy continuation
     assert reports[1]["sample"] == reports[0]["sample"] and reports[1]["chat_probe"] == reports[0]["chat_probe"]
 
@@ -71,8 +72,8 @@ def test_streamed_compile_writes_the_same_bytes_as_the_in_memory_one(tmp_path, m
 def test_sharded_bf16_source_streams_into_sharded_output_that_stock_transformers_loads(tmp_path):
     src = _source(tmp_path, "llama", dtype=torch.bfloat16, shard="100KB")
     assert (src / "model.safetensors.index.json").is_file()
-    _compile(src, tmp_path / "memory", max_shard_size="60KB")
-    res = _compile(src, tmp_path / "streamed", max_shard_size="60KB", stream=True)
+    _compile(src, tmp_path / "memory", max_shard_size="60KB", stream="off")
+    res = _compile(src, tmp_path / "streamed", max_shard_size="60KB", stream="on")
     a, b = _files(tmp_path / "memory"), _files(tmp_path / "streamed")
     assert [name for name in a if a.get(name) != b.get(name)] == [] and sorted(a) == sorted(b)
     out = tmp_path / "streamed"
@@ -105,7 +106,7 @@ def test_a_streamed_compile_holds_at_most_one_block(tmp_path, monkeypatch):
 
     monkeypatch.setattr(source, "fetch_block", counting_fetch)
     monkeypatch.setattr("slimc.stream.fetch_block", counting_fetch)
-    _compile(src, tmp_path / "out", stream=True)
+    _compile(src, tmp_path / "out", stream="on")
     assert len(live) >= 4 and max(live) == 1
 
 
@@ -118,7 +119,7 @@ def test_streamed_source_fingerprint_is_the_loaded_models(tmp_path):
 
 def test_streamed_compile_killed_after_a_block_resumes_to_the_same_bytes(tmp_path, monkeypatch, block=1):
     src = _source(tmp_path)
-    _compile(src, tmp_path / "straight", stream=True, max_shard_size="80KB")
+    _compile(src, tmp_path / "straight", stream="on", max_shard_size="80KB")
     save = resume.PartialCompile.save_block
 
     def save_then_die(self, i, *args):
@@ -130,11 +131,11 @@ def test_streamed_compile_killed_after_a_block_resumes_to_the_same_bytes(tmp_pat
     with monkeypatch.context() as m:
         m.setattr(resume.PartialCompile, "save_block", save_then_die)
         with pytest.raises(Killed):
-            _compile(src, out, stream=True, max_shard_size="80KB")
+            _compile(src, out, stream="on", max_shard_size="80KB")
     assert not out.exists() and (tmp_path / "out.partial" / "weights").is_dir()
     with pytest.raises(SlimcError, match="max-shard-size"):  # the finished blocks sit in shards of that layout
-        _compile(src, out, stream=True, resume=True, max_shard_size="70KB")
-    res = _compile(src, out, stream=True, resume=True, max_shard_size="80KB")
+        _compile(src, out, stream="on", resume=True, max_shard_size="70KB")
+    res = _compile(src, out, stream="on", resume=True, max_shard_size="80KB")
     assert res.report["resumed"] == {"blocks_already_done": block + 1}
     assert _files(out) == _files(tmp_path / "straight")
     assert not (tmp_path / "out.partial").exists()
@@ -150,11 +151,11 @@ def test_resume_refuses_a_partial_state_whose_shards_are_gone(tmp_path, monkeypa
 
     monkeypatch.setattr(resume.PartialCompile, "save_block", save_then_die)
     with pytest.raises(Killed):
-        _compile(src, tmp_path / "out", stream=True)
+        _compile(src, tmp_path / "out", stream="on")
     (tmp_path / "out.partial" / "weights" / "model.safetensors").unlink()
     monkeypatch.undo()
     with pytest.raises(SlimcError, match="missing or does not hold"):
-        _compile(src, tmp_path / "out", stream=True, resume=True)
+        _compile(src, tmp_path / "out", stream="on", resume=True)
 
 
 @pytest.mark.parametrize("kw,word", [({"target": "onnx"}, "--target onnx"), ({"refit": True}, "--refit"),
@@ -163,7 +164,7 @@ def test_resume_refuses_a_partial_state_whose_shards_are_gone(tmp_path, monkeypa
                                       ({"distill_epochs": 1}, "--distill-epochs")])
 def test_stream_refuses_what_needs_the_whole_model_in_one_line(tmp_path, kw, word):
     with pytest.raises(SlimcError, match=re.escape(word)) as e:
-        _compile(tmp_path / "nowhere", tmp_path / "out", stream=True, **kw)
+        _compile(tmp_path / "nowhere", tmp_path / "out", stream="on", **kw)
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
 
 
@@ -241,3 +242,12 @@ def test_builtin_gguf_streams_exactly_what_transformers_loads():
     buffers = dict(full.named_buffers())
     assert all(torch.equal(b, buffers[n]) for n, b in skeleton.model.named_buffers())
     assert model_fingerprint(skeleton.model, skeleton.source) == model_fingerprint(full)
+
+
+def test_stream_auto_streams_a_local_source_unless_an_option_needs_the_whole_model(tmp_path):
+    src = _source(tmp_path)
+    assert _compile(src, tmp_path / "auto").report["streamed"] is True
+    assert _compile(src, tmp_path / "refit", refit=True).report["streamed"] is False
+    res = _compile(src, tmp_path / "kept", keep_model=True)  # the Python API asked for the model in memory
+    assert res.report["streamed"] is False and not any(p.is_meta for p in res.model.parameters())
+    assert source.streamable_source("smollm2-135m") and not source.streamable_source("someone/some-model")
