@@ -63,45 +63,57 @@ class SafetensorsSource:
 
 
 class GGUFSource:
+    """The file's header is parsed once (gguf's reader maps the whole file and takes seconds to walk it); after
+    that each tensor's bytes are read from its offset and dequantized on their own, no mapping kept."""
+
     def __init__(self, path: Path, config):
+        from gguf import MODEL_ARCH_NAMES, GGUFReader, get_tensor_name_map
+
         self.path = path
-        self.config = config
+        reader = GGUFReader(path)
+        field = reader.fields["general.architecture"]
+        self.arch_name = bytes(field.parts[field.data[0]]).decode()
+        arch = next((k for k, v in MODEL_ARCH_NAMES.items() if v == self.arch_name), None)
+        if arch is None:
+            raise SlimcError(f"GGUF architecture {self.arch_name!r} is unknown to the installed gguf package")
+        self.name_map = get_tensor_name_map(arch, config.num_hidden_layers)
+        # where each tensor's bytes are, as the reader would view them: (offset, numpy dtype, count, shape, type)
+        self.tensors = {t.name: (int(t.data_offset), t.data.dtype, int(t.data.size), tuple(t.data.shape), t.tensor_type)
+                        for t in reader.tensors}
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        del reader
+
+    def _gguf_name(self, name: str) -> str:
+        base, _, suffix = name.rpartition(".")
+        gguf_name = self.name_map.get_name(base)
+        found = f"{gguf_name}.{suffix}" if gguf_name else None
+        if found not in self.tensors and name == "lm_head.weight":
+            found = "token_embd.weight"  # tied output: llama.cpp stores the embedding once
+        if found not in self.tensors:
+            raise SlimcError(f"tensor {name} is not in {self.path.name}")
+        return found
 
     @contextmanager
     def open(self):
-        from gguf import MODEL_ARCH_NAMES, GGUFReader, get_tensor_name_map
+        import numpy as np
         from gguf.quants import dequantize
 
-        reader = GGUFReader(self.path)  # np.memmap of the file: dropped with the reader when the block is done
-        field = reader.fields["general.architecture"]
-        arch_name = bytes(field.parts[field.data[0]]).decode()
-        arch = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch_name), None)
-        if arch is None:
-            raise SlimcError(f"GGUF architecture {arch_name!r} is unknown to the installed gguf package")
-        name_map = get_tensor_name_map(arch, self.config.num_hidden_layers)
-        tensors = {t.name: t for t in reader.tensors}
-        heads, kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
-        file_name = self.path.name
+        outer = self
 
         class Reader(TensorReader):
             def get(self, name: str) -> torch.Tensor:
-                base, _, suffix = name.rpartition(".")
-                gguf_name = name_map.get_name(base)
-                t = tensors.get(f"{gguf_name}.{suffix}") if gguf_name else None
-                if t is None and name == "lm_head.weight":
-                    t = tensors.get("token_embd.weight")  # tied output: llama.cpp stores the embedding once
-                if t is None:
-                    raise SlimcError(f"tensor {name} is not in {file_name}")
-                w = dequantize(t.data, t.tensor_type)
-                if arch_name == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias",
-                                                             "attn_k.bias")):
-                    w = unpermute_rotary_rows(w, heads if ".attn_q." in t.name else kv_heads)
-                return torch.from_numpy(w.copy()).to(torch.float32)
+                gguf_name = outer._gguf_name(name)
+                offset, dtype, count, shape, kind = outer.tensors[gguf_name]
+                f.seek(offset)
+                raw = np.fromfile(f, dtype=dtype, count=count).reshape(shape)
+                w = dequantize(raw, kind)
+                if outer.arch_name == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias",
+                                                                      "attn_k.bias")):
+                    w = unpermute_rotary_rows(w, outer.heads if ".attn_q." in gguf_name else outer.kv_heads)
+                return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32).copy())
 
-        try:
+        with open(self.path, "rb") as f:
             yield Reader()
-        finally:
-            del reader, tensors
 
 
 def unpermute_rotary_rows(w, n_heads: int):
