@@ -97,6 +97,10 @@ class PartialCompile:
             raise SlimcError(f"{self.path} was started by slimc {p.get('slimc_version')}, this is {__version__}: "
                              "use --overwrite to start over")
         saved, now = p["options"], self._options(cfg, streamed)
+        if saved.get("streamed") != streamed:  # the partial state's format differs: finished blocks are elsewhere
+            was = "--stream on" if saved.get("streamed") else "--stream off"
+            raise SlimcError(f"--resume: {self.path} was started by a {'streamed' if saved.get('streamed') else 'whole-model'} "
+                             f"compile: re-run with {was}, or --overwrite to start over")
         changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
         if changed:
             what = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now.get(k)!r})" for k in changed)
