@@ -56,7 +56,7 @@ def pair(name: str, args: list[str], out: Path, results: dict, results_path: Pat
     if name in results:
         return
     row = {}
-    for mode, extra in (("memory", []), ("stream", ["--stream"])):
+    for mode, extra in (("memory", ["--stream", "off"]), ("stream", ["--stream", "on"])):
         target = out / f"{name}-{mode}"
         print(f"== {name}: {mode}", flush=True)
         row[mode] = timed_compile([*args, "-o", str(target), "--overwrite", *extra])
