@@ -54,10 +54,12 @@ class Shard:
         return len(self.header) + sum(e - b for b, e in self.offsets.values())
 
 
-def state_entries(model: torch.nn.Module) -> list[Entry]:
-    """The tensors a checkpoint of `model` holds, in state-dict order; a tied lm_head is stored once."""
+def state_entries(model: torch.nn.Module, float_dtype: torch.dtype | None = None) -> list[Entry]:
+    """The tensors a checkpoint of `model` holds, in state-dict order; a tied lm_head is stored once.
+    `float_dtype`: what floating tensors will be stored as (a meta skeleton's are fp32; index sets stay int)."""
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    return [Entry(k, tuple(v.shape), v.dtype) for k, v in model.state_dict().items() if k not in tied]
+    return [Entry(k, tuple(v.shape), float_dtype if float_dtype and v.is_floating_point() else v.dtype)
+            for k, v in model.state_dict().items() if k not in tied]
 
 
 def plan_shards(entries: list[Entry], max_shard_bytes: int | None) -> list[Shard]:

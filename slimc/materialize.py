@@ -34,6 +34,15 @@ def slim_skeleton(source_config, family: str, plan: PruningPlan, dtype: torch.dt
         return lm_cls(config)
 
 
+def copy_missing_buffers(model: nn.Module, source: nn.Module, skip_prefix: str | None = None) -> None:
+    """Non-persistent buffers (rotary inv_freq) are in no state dict or checkpoint: take them from the source."""
+    src_buffers = dict(source.named_buffers())
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta and not (skip_prefix and name.startswith(skip_prefix)):
+            parent, _, leaf = name.rpartition(".")
+            model.get_submodule(parent).register_buffer(leaf, src_buffers[name].clone(), persistent=False)
+
+
 @torch.no_grad()
 def build_slim_model(pruned: nn.Module, family: str, plan: PruningPlan, dtype: torch.dtype) -> nn.Module:
     """Instantiate the slimc class on the meta device and move the pruned tensors in (no full-size copy)."""
@@ -47,13 +56,7 @@ def build_slim_model(pruned: nn.Module, family: str, plan: PruningPlan, dtype: t
         raise RuntimeError(f"pruned weights do not fit the slim model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if config.tie_word_embeddings:
         model.tie_weights()
-    # non-persistent buffers (rotary inv_freq) are not in the state dict: take them from the source
-    src_buffers = dict(pruned.named_buffers())
-    for name, buf in list(model.named_buffers()):
-        if buf.is_meta:
-            parent, _, leaf = name.rpartition(".")
-            src = src_buffers[name]
-            model.get_submodule(parent).register_buffer(leaf, src.clone(), persistent=False)
+    copy_missing_buffers(model, pruned)
     for name, p in model.named_parameters():
         if p.is_meta:
             raise RuntimeError(f"parameter {name} was not materialized")

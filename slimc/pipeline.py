@@ -640,7 +640,7 @@ def _compile_model(cfg: CompileConfig, keep_model: bool, partial: PartialCompile
         if stream:  # every tensor is in the shards already; the report's sample reads them back block by block
             stream.close()
             params_after = stream.params()
-            slim = stream.load_written(stream.directory)
+            slim = stream.load_written()
         else:
             slim = build_slim_model(model, loaded.family, plan, out_dtype)
             del model, loaded.model

@@ -1,9 +1,9 @@
 """A streamed compile's source weights: the model as a skeleton on the meta device, each tensor read from the
 checkpoint only when its block is worked on, in fp32, under its transformers name.
 
-Two checkpoint kinds: safetensors (one file or an index of shards, memory-mapped, each file opened only while
-a block is read, so its mapped pages leave the process with it) and GGUF (each tensor dequantized on its own
-with the `gguf` reader, and q/k rows of llama-architecture files put back from llama.cpp's rotary order, as
+Two checkpoint kinds: safetensors (one file or an index of shards; each tensor's bytes read at the offset its
+header gives, no memory map) and GGUF (header parsed once with the `gguf` reader, each tensor read at its offset
+and dequantized on its own, q/k rows of llama-architecture files put back from llama.cpp's rotary order, as
 transformers' GGUF loader does). The values are exactly what `load_model(..., dtype="float32")` holds."""
 from __future__ import annotations
 

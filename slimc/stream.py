@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointWriter, Entry
+from .checkpoint import CheckpointWriter, state_entries
 from .load import LoadedModel
-from .materialize import slim_skeleton
+from .materialize import copy_missing_buffers, slim_skeleton
 from .plan import PruningPlan
 from .source import fetch_block, release_block
 
@@ -29,13 +29,6 @@ def fits_beside(nbytes: int) -> bool:
     """Whether a whole model of `nbytes` may be held for a moment (the dense model answering the self-generated
     chat set): at most half the machine's RAM."""
     return nbytes <= memory_total() // 2
-
-
-def _entries(skeleton: nn.Module, dtype: torch.dtype) -> list[Entry]:
-    # the skeleton's parameters are fp32 on meta; the checkpoint holds them in the output dtype (index sets stay int)
-    tied = {"lm_head.weight"} if skeleton.config.tie_word_embeddings else set()
-    return [Entry(k, tuple(v.shape), dtype if v.is_floating_point() else v.dtype)
-            for k, v in skeleton.state_dict().items() if k not in tied]
 
 
 class BlockStream:
@@ -58,7 +51,7 @@ class BlockStream:
         self.out_dtype = out_dtype
         self.skeleton = slim_skeleton(self.loaded.model.config, self.loaded.family, plan, out_dtype)
         directory.mkdir(parents=True, exist_ok=True)
-        self.writer = CheckpointWriter(directory, _entries(self.skeleton, out_dtype), max_shard_bytes, resume)
+        self.writer = CheckpointWriter(directory, state_entries(self.skeleton, out_dtype), max_shard_bytes, resume)
         self.directory = directory
         model = self.loaded.model
         with torch.no_grad(), self.loaded.source.open() as reader:
@@ -93,14 +86,14 @@ class BlockStream:
         return sum(e.numel for _, e in self.writer.where.values())
 
     @torch.no_grad()
-    def load_written(self, out_dir: Path) -> nn.Module:
+    def load_written(self) -> nn.Module:
         """The pruned model read back from the written shards for the report's sample, one block at a time as
         well: each decoder block's weights are read in just before it runs and dropped right after, so
         `generate` (KV cache and all) works unchanged and memory stays at one block."""
         from safetensors import safe_open
 
         model = self.skeleton
-        files = {name: out_dir / s.file for name, (s, _) in self.writer.where.items()}
+        files = {name: self.directory / s.file for name, (s, _) in self.writer.where.items()}
 
         def read(names):
             out = {}
@@ -113,11 +106,7 @@ class BlockStream:
         model.load_state_dict(read(outside), strict=False, assign=True)
         if model.config.tie_word_embeddings:
             model.tie_weights()
-        src_buffers = dict(self.loaded.model.named_buffers())
-        for name, buf in list(model.named_buffers()):
-            if buf.is_meta and not name.startswith("model.layers."):  # rotary tables: not in a checkpoint
-                parent, _, leaf = name.rpartition(".")
-                model.get_submodule(parent).register_buffer(leaf, src_buffers[name].clone(), persistent=False)
+        copy_missing_buffers(model, self.loaded.model, skip_prefix="model.layers.")  # blocks: loaded by the hooks
         for i, block in enumerate(model.model.layers):
             prefix = f"model.layers.{i}."
             names = [n for n in files if n.startswith(prefix)]
