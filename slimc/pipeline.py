@@ -406,7 +406,7 @@ def _reuse_plan(path: str, shapes: list[BlockShape], cfg: CompileConfig) -> tupl
 
     plan = PruningPlan.load(path)
     _check_plan_fits(plan, shapes)
-    is_disp = plan.method in DISP_METHODS and plan.layers[0].attn_in_dims is not None
+    is_disp = plan.selects_hidden_dims
     # the plan's head counts were chosen for its own GQA mode, its hidden-dim counts by its own method
     method = plan.method if is_disp else (cfg.method if cfg.method not in DISP_METHODS else "slimgpt")
     for layer, s in zip(plan.layers, shapes):
@@ -502,11 +502,16 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
 def _use_stream(cfg: CompileConfig, keep_model: bool) -> bool:
     """--stream on / off as asked; auto streams a local safetensors or GGUF source unless an option needs the whole
     model (or the Python API asked for the pruned model in memory)."""
+    # a reused DISP plan brings its method along (see _reuse_plan), and with it the need for every block at once
+    disp_plan = bool(cfg.plan) and PruningPlan.load(cfg.plan).selects_hidden_dims
+    if cfg.stream == "on" and disp_plan:
+        raise SlimcError(f"--stream on: the plan {cfg.plan} selects hidden dimensions per block (DISP), which needs "
+                         "the whole model in memory; pass --stream off")
     if cfg.stream != "auto":
         return cfg.stream == "on"
     from .source import streamable_source
 
-    return not (keep_model or cfg.plan_only or cfg.needs_whole_model()) and streamable_source(cfg.model)
+    return not (keep_model or cfg.plan_only or disp_plan or cfg.needs_whole_model()) and streamable_source(cfg.model)
 
 
 def _compile_model(cfg: CompileConfig, keep_model: bool, partial: PartialCompile | None,

@@ -119,6 +119,13 @@ class PruningPlan:
     format: str = PLAN_FORMAT
 
     @property
+    def selects_hidden_dims(self) -> bool:
+        """A DISP plan: each block reads and writes its own hidden-dim index sets (a reused one keeps its method)."""
+        from .config import DISP_METHODS
+
+        return self.method in DISP_METHODS and bool(self.layers) and self.layers[0].attn_in_dims is not None
+
+    @property
     def achieved_sparsity(self) -> float:
         return 1 - self.block_params_pruned / self.block_params_dense
 

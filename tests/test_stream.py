@@ -251,3 +251,18 @@ def test_stream_auto_streams_a_local_source_unless_an_option_needs_the_whole_mod
     res = _compile(src, tmp_path / "kept", keep_model=True)  # the Python API asked for the model in memory
     assert res.report["streamed"] is False and not any(p.is_meta for p in res.model.parameters())
     assert source.streamable_source("smollm2-135m") and not source.streamable_source("someone/some-model")
+
+
+def test_a_reused_disp_plan_compiles_in_memory_and_stream_on_refuses_it(tmp_path):
+    """A DISP plan brings its method along even when --method is left at its default: auto must not stream it
+    (the streamed writer knows only full-width hidden dims), and --stream on must say why in one line."""
+    src = _source(tmp_path)
+    first = _compile(src, tmp_path / "disp", method="slimgpt+disp")
+    plan = tmp_path / "disp" / "slimc_plan.json"
+    assert json.loads(plan.read_text())["method"] == "slimgpt+disp"
+    again = _compile(src, tmp_path / "again", plan=str(plan))
+    assert again.report["streamed"] is False
+    assert _files(tmp_path / "again")["model.safetensors"] == _files(first.output)["model.safetensors"]
+    with pytest.raises(SlimcError, match="selects hidden dimensions") as e:
+        _compile(src, tmp_path / "on", plan=str(plan), stream="on")
+    assert "\n" not in str(e.value) and not (tmp_path / "on").exists()
