@@ -7,6 +7,7 @@ and config.json are compared byte for byte.
 
     python benchmarks/memory.py --out bench-out/memory smollm2   # SmolLM2 at 30 %, 32 x 512 calibration tokens
     python benchmarks/memory.py --out bench-out/memory depth     # random Llama-shaped bf16 models, 2/4/8/16 layers
+        [--depths 2,16] [--modes stream]                          # some depths; only the streamed side
     python benchmarks/memory.py --out bench-out/memory resume    # SmolLM2 --stream SIGKILLed at 60 %, then --resume
     python benchmarks/memory.py --out bench-out/memory llama8b   # Llama-3.1-8B-shaped bf16, 8 of its 32 layers
 
@@ -52,18 +53,20 @@ def digest(out: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def pair(name: str, args: list[str], out: Path, results: dict, results_path: Path) -> None:
-    if name in results:
-        return
-    row = {}
+def pair(name: str, args: list[str], out: Path, results: dict, results_path: Path,
+         modes: tuple[str, ...] = ("memory", "stream")) -> None:
+    """Each mode asked for and not yet in results: compiled, timed, and its output's digest kept."""
+    row = results.get(name, {})
     for mode, extra in (("memory", ["--stream", "off"]), ("stream", ["--stream", "on"])):
+        if mode not in modes or mode in row:
+            continue
         target = out / f"{name}-{mode}"
         print(f"== {name}: {mode}", flush=True)
         row[mode] = timed_compile([*args, "-o", str(target), "--overwrite", *extra])
         row[mode]["digest"] = digest(target)
         row[mode]["seconds"] = json.loads((target / "report.json").read_text())["seconds"]
-    results[name] = row
-    results_path.write_text(json.dumps(results, indent=2))
+        results[name] = row
+        results_path.write_text(json.dumps(results, indent=2))
 
 
 def random_llama(directory: Path, layers: int, shape: dict = DEPTH_SHAPE) -> Path:
@@ -135,7 +138,7 @@ def resume_after_kill(out: Path, results: dict, results_path: Path, fraction: fl
 
 
 def markdown(results: dict) -> str:
-    pairs = {k: v for k, v in results.items() if "memory" in v}
+    pairs = {k: v for k, v in results.items() if "stream" in v}
     text = markdown_pairs(pairs)
     for name, r in results.items():
         if "resumed" in r:
@@ -155,7 +158,11 @@ def markdown_pairs(results: dict) -> str:
             "streamed wall s | streamed / in-memory | same bytes |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, row in results.items():
-        m, s = row["memory"], row["stream"]
+        s = row["stream"]
+        if "memory" not in row:  # the in-memory side was not run (--modes stream)
+            lines.append(f"| {name} | — | {s['peak_rss_mb']:,.0f} | — | — | {s['wall_s']:.0f} | — | — |")
+            continue
+        m = row["memory"]
         lines.append(f"| {name} | {m['peak_rss_mb']:,.0f} | {s['peak_rss_mb']:,.0f} | {s['peak_rss_mb'] / m['peak_rss_mb']:.2f} | "
                      f"{m['wall_s']:.0f} | {s['wall_s']:.0f} | {s['wall_s'] / m['wall_s']:.2f} | "
                      f"{'yes' if m['digest'] == s['digest'] else 'NO'} |")
@@ -167,6 +174,8 @@ def main() -> None:
     p.add_argument("parts", nargs="+", choices=["smollm2", "depth", "resume", "llama8b"])
     p.add_argument("--out", default="bench-out/memory")
     p.add_argument("--depths", default=",".join(map(str, DEPTHS)))
+    p.add_argument("--modes", default="memory,stream",
+                   help="which sides of each pair to run (a side already in results.json is kept)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,7 +188,7 @@ def main() -> None:
             src = random_llama(out / f"random-llama-{layers}", layers)
             pair(f"random Llama bf16, {layers} layers (hidden 2048, FFN 5632) 30 %, 16 x 256",
                  [str(src), "--sparsity", "0.3", "--calib-samples", "16", "--seq-len", "256", "--chat-calib", "off"],
-                 out, results, results_path)
+                 out, results, results_path, modes=tuple(args.modes.split(",")))
     if "resume" in args.parts:
         resume_after_kill(out, results, results_path)
     if "llama8b" in args.parts:
