@@ -10,6 +10,7 @@ and config.json are compared byte for byte.
         [--depths 2,16] [--modes stream]                          # some depths; only the streamed side
     python benchmarks/memory.py --out bench-out/memory resume    # SmolLM2 --stream SIGKILLed at 60 %, then --resume
     python benchmarks/memory.py --out bench-out/memory llama8b   # Llama-3.1-8B-shaped bf16, 8 of its 32 layers
+    python benchmarks/memory.py --out bench-out/memory spill     # 3 GiB of activations: RAM vs --activation-budget
 
 Random weights are for memory and speed only, never for quality.
 """
@@ -146,6 +147,12 @@ def markdown(results: dict) -> str:
                      f"blocks done; --resume {r['resumed']['wall_s']:.0f} s against {r['full']['wall_s']:.0f} s straight "
                      f"through = {r['resumed']['wall_s'] / r['full']['wall_s']:.2f} x; peak RSS "
                      f"{r['resumed']['peak_rss_mb']:,.0f} MB; same bytes: {'yes' if r['same_bytes'] else 'NO'}")
+        if "spilled" in r:
+            ram, sp = r["ram"], r["spilled"]
+            text += (f"\n\n{name}: activations in RAM peak RSS {ram['peak_rss_mb']:,.0f} MB, wall {ram['wall_s']:.0f} s; "
+                     f"spilled (--activation-budget 256MB) {sp['peak_rss_mb']:,.0f} MB, wall {sp['wall_s']:.0f} s "
+                     f"({sp['peak_rss_mb'] / ram['peak_rss_mb']:.2f} x RSS, {sp['wall_s'] / ram['wall_s']:.2f} x time); "
+                     f"same bytes: {'yes' if ram['digest'] == sp['digest'] else 'NO'}")
         if "streamed_only" in r:
             s = r["streamed_only"]
             text += (f"\n\n{name}: --stream peak RSS {s['peak_rss_mb']:,.0f} MB, wall {s['wall_s']:.0f} s "
@@ -171,7 +178,7 @@ def markdown_pairs(results: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("parts", nargs="+", choices=["smollm2", "depth", "resume", "llama8b"])
+    p.add_argument("parts", nargs="+", choices=["smollm2", "depth", "resume", "llama8b", "spill"])
     p.add_argument("--out", default="bench-out/memory")
     p.add_argument("--depths", default=",".join(map(str, DEPTHS)))
     p.add_argument("--modes", default="memory,stream",
@@ -202,7 +209,29 @@ def main() -> None:
             run["seconds"] = json.loads((target / "report.json").read_text())["seconds"]
             results[name] = {"streamed_only": run}
             results_path.write_text(json.dumps(results, indent=2))
+    if "spill" in args.parts:
+        spill_pair(out, results, results_path)
     print(markdown(results))
+
+
+def spill_pair(out: Path, results: dict, results_path: Path) -> None:
+    """The 2-layer depth model calibrated on 128 x 1024 tokens: 1 GiB a stream, 3 live at once. Both sides
+    stream the weights; one keeps the activations in RAM (the default budget, a quarter of RAM, holds them), the
+    other spills them past --activation-budget 256MB to files beside OUT."""
+    name = "random Llama bf16, 2 layers (hidden 2048), 128 x 1024 calibration tokens (3 GiB of activations)"
+    row = results.get(name, {})
+    src = random_llama(out / "random-llama-2", 2)
+    args = [str(src), "--sparsity", "0.3", "--calib-samples", "128", "--seq-len", "1024", "--chat-calib", "off",
+            "--stream", "on"]
+    for mode, extra in (("ram", []), ("spilled", ["--activation-budget", "256MB"])):
+        if mode in row:
+            continue
+        target = out / f"spill-{mode}"
+        print(f"== {name}: {mode}", flush=True)
+        row[mode] = timed_compile([*args, "-o", str(target), "--overwrite", *extra])
+        row[mode]["digest"] = digest(target)
+        results[name] = row
+        results_path.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

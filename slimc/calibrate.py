@@ -1,6 +1,7 @@
 """Calibration plumbing: catch the first block's inputs, run one block over all cached samples, and
 accumulate H = 2/n X^T X for chosen linears. Only one block is ever worked on at a time; the cached hidden
-states live on `cache_device` (CPU when pruning on a GPU)."""
+states live on `cache_device` (CPU when pruning on a GPU), or in files when they exceed the activation budget
+(slimc.activations)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -8,6 +9,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from . import activations
+from .activations import SpillDir
 
 
 class _Caught(Exception):
@@ -34,9 +38,10 @@ def to_device(x, device):
 
 @torch.no_grad()
 def catch_block_inputs(model: nn.Module, samples: torch.Tensor, device: torch.device | str = "cpu",
-                       cache_device: torch.device | str = "cpu") -> BlockInputs:
-    """Run the model up to its first decoder block for every sample and keep that block's inputs.
-    Samples are run one at a time, so the kwargs (rotary embeddings, mask) have batch 1 and broadcast."""
+                       cache_device: torch.device | str = "cpu", spill: SpillDir | None = None) -> BlockInputs:
+    """Run the model up to its first decoder block for every sample and keep that block's inputs (in RAM on
+    `cache_device`, or in a file of `spill`). Samples are run one at a time, so the kwargs (rotary embeddings,
+    mask) have batch 1 and broadcast."""
     layer0 = decoder_layers(model)[0]
     seen: dict = {}
 
@@ -47,17 +52,21 @@ def catch_block_inputs(model: nn.Module, samples: torch.Tensor, device: torch.de
         raise _Caught
 
     handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
-    hidden = []
+    hidden = None
     try:
         for i in range(samples.shape[0]):
             try:
                 model(samples[i : i + 1].to(device), use_cache=False)
             except _Caught:
                 pass
-            hidden.append(seen["hidden"].to(cache_device))
+            if hidden is None:  # filled in place: never the stream twice (a list and its concatenation)
+                shape, dtype = (samples.shape[0], *seen["hidden"].shape[1:]), seen["hidden"].dtype
+                hidden = spill.empty(shape, dtype) if spill else torch.empty(shape, dtype=dtype, device=cache_device)
+            hidden[i] = seen["hidden"][0]
+            activations.release(hidden, i, i + 1)
     finally:
         handle.remove()
-    return BlockInputs(torch.cat(hidden), to_device(seen["kwargs"], device))
+    return BlockInputs(hidden, to_device(seen["kwargs"], device))
 
 
 class HessianAccumulator:
@@ -134,16 +143,21 @@ def release_freed_memory() -> None:
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs, batch_size: int, device, keep_outputs: bool = True) -> torch.Tensor | None:
-    """Forward every cached sample through `block` in batches; returns the outputs on the cache device."""
-    outs, x, y = [], None, None
+    """Forward every cached sample through `block` in batches; returns the outputs where the inputs are cached
+    (RAM, or a new file beside a spilled stream), written in place batch by batch."""
+    out, x, y = None, None, None
     hidden = inputs.hidden
     for start in range(0, hidden.shape[0], batch_size):
-        x = hidden[start : start + batch_size].to(device)
+        stop = start + batch_size
+        x = hidden[start:stop].to(device)
         y = block(x, **inputs.kwargs)
         y = y[0] if isinstance(y, tuple) else y
         if keep_outputs:
-            outs.append(y.to(hidden.device))
-    out = torch.cat(outs) if keep_outputs else None
-    del outs, x, y
+            if out is None:
+                out = activations.empty_like(hidden, (hidden.shape[0], *y.shape[1:]), y.dtype)
+            out[start:stop] = y
+            activations.release(out, start, stop)
+        activations.release(hidden, start, stop)
+    del x, y
     release_freed_memory()
     return out

@@ -64,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="hold one decoder block in memory at a time: each block's weights are read from the source "
                         "(safetensors or GGUF) when it is calibrated and written to OUT as soon as it is pruned; "
                         "auto (default): whenever the source is local and no option needs the whole model")
+    c.add_argument("--activation-budget", metavar="SIZE",
+                   help="RAM for the cached calibration activations (block inputs and outputs; the dense stream too "
+                        "with --reconstruct / --refit), e.g. 8GB; beyond it they spill to files under --offload-dir "
+                        "(default: a quarter of this machine's RAM)")
+    c.add_argument("--offload-dir", metavar="DIR",
+                   help="where activations beyond --activation-budget go (default: OUT.partial/activations, removed "
+                        "with it); use a fast local disk")
     c.add_argument("--plan-only", action="store_true", help="write only the plan (per-layer widths)")
     c.add_argument("--plan", help="reuse the per-layer widths of a plan JSON")
     c.add_argument("--no-compensate", dest="compensate", action="store_false", help="ablation: no OBS weight update")

@@ -85,6 +85,8 @@ class CompileConfig:
     resume: bool = False  # continue the unfinished compile kept in OUT.partial (slimc.resume)
     max_shard_size: str | None = None  # e.g. "2GB": shard the safetensors (None: one file)
     stream: str = "auto"  # on: one block in memory at a time (slimc.stream); auto: whenever the options and source allow
+    activation_budget: str | None = None  # RAM for the calibration activations, e.g. "8GB" (None: a quarter of RAM)
+    offload_dir: str | None = None  # where activations beyond the budget go (None: OUT.partial/activations)
 
     def __post_init__(self):
         def one_of(name, value, allowed):
@@ -146,6 +148,8 @@ class CompileConfig:
                              "drop --stream for it")
         if self.max_shard_size is not None:
             self.max_shard_bytes()  # refuses a malformed size now, not after the compile
+        if self.activation_budget is not None:
+            self.activation_budget_bytes()
         if not self.device.startswith(("cpu", "cuda")):
             raise SlimcError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device.startswith("cuda"):
@@ -160,6 +164,9 @@ class CompileConfig:
                  ("--refit", self.refit), ("--reconstruct-weighting fisher", self.reconstruct and self.reconstruct_weighting == "fisher"),
                  ("--distill-epochs", self.distill_epochs > 0), (f"--method {self.method}", self.method in DISP_METHODS + ("flap",))]
         return [name for name, used in whole if used]
+
+    def activation_budget_bytes(self) -> int | None:
+        return None if self.activation_budget is None else parse_size(self.activation_budget, "--activation-budget")
 
     def max_shard_bytes(self) -> int | None:
         return None if self.max_shard_size is None else parse_size(self.max_shard_size, "--max-shard-size")

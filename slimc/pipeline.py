@@ -24,7 +24,7 @@ from . import __version__
 from .calibrate import BlockInputs, to_device, catch_block_inputs, collect_hessians, decoder_layers, run_block
 from .capture import BlockStructure, capture_block
 from .config import DISP_METHODS, CompileConfig
-from . import disp, interrupt, scored, sensitivity
+from . import activations, disp, interrupt, scored, sensitivity
 from .layout import INDEX_SETS
 from .errors import Interrupted, SlimcError
 from .load import DTYPES, LoadedModel, load_model, model_fingerprint
@@ -140,12 +140,21 @@ def prune_blocks(loaded: LoadedModel, structures: list[BlockStructure], plan: Pr
             stream.finish(i, layers[i])
         if partial:
             partial.save_block(i, None if stream else layers[i], rows[-1], out, state)
+        activations.release_all()  # what random-access readers (reconstruction, refit) pulled in of spilled streams
     timer.block = ""
     return rows
 
 
-def _relative_error(out: torch.Tensor, dense_out: torch.Tensor) -> float:
-    return float((out - dense_out).pow(2).sum() / dense_out.pow(2).sum().clamp_min(1e-12))
+def _relative_error(out: torch.Tensor, dense_out: torch.Tensor, rows: int = 8) -> float:
+    """||out - dense_out||^2 / ||dense_out||^2, a few samples at a time (the streams may be spilled files)."""
+    err = ref = 0.0
+    for start in range(0, out.shape[0], rows):
+        o, d = out[start : start + rows], dense_out[start : start + rows]
+        err += float((o - d).double().pow(2).sum())
+        ref += float(d.double().pow(2).sum())
+        activations.release(out, start, start + rows)
+        activations.release(dense_out, start, start + rows)
+    return err / max(ref, 1e-12)
 
 
 def _prune_block_slimgpt(block, s: BlockStructure, shape: BlockShape, target: LayerPlan, inputs, cfg: CompileConfig,
@@ -499,6 +508,23 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
     return result
 
 
+def _activation_placement(cfg: CompileConfig, shape: tuple[int, int, int],
+                          partial: PartialCompile | None) -> activations.SpillDir | None:
+    """RAM, or files when the streams live at once exceed --activation-budget: a block's inputs, its dense and
+    its pruned outputs (3), and with --reconstruct / --refit the dense model's stream and its next one (5)."""
+    import tempfile
+
+    streams = 5 if cfg.reconstruct or cfg.refit else 3
+    directory = (Path(cfg.offload_dir) if cfg.offload_dir else partial.path / "activations" if partial
+                 else Path(tempfile.gettempdir()))  # --plan-only keeps no partial state; its files die with it
+    spill = activations.choose(shape, streams, cfg.activation_budget_bytes(), directory)
+    if spill:
+        need = streams * activations.stream_bytes(shape)
+        print(f"slimc: the calibration activations take {need / 2**30:.1f} GiB ({streams} streams of {list(shape)} fp32), "
+              f"more than the activation budget: they spill to {directory}", file=sys.stderr)
+    return spill
+
+
 def _use_stream(cfg: CompileConfig, keep_model: bool) -> bool:
     """--stream on / off as asked; auto streams a local safetensors or GGUF source unless an option needs the whole
     model (or the Python API asked for the pruned model in memory)."""
@@ -559,7 +585,8 @@ def _compile_model(cfg: CompileConfig, keep_model: bool, partial: PartialCompile
                 model, loaded.tokenizer, cfg.calib, n_plain, seq_len, cfg.seed, cfg.chat_mix,
                 chat_data, fingerprint, materialize)
             samples = torch.cat([samples, chat_windows])
-        inputs = catch_block_inputs(model, samples, device="cpu")
+        spill = _activation_placement(cfg, (samples.shape[0], samples.shape[1], model.config.hidden_size), partial)
+        inputs = catch_block_inputs(model, samples, device="cpu", spill=spill)
     with timer.stage("capture"):
         structures = capture_structures(layers, inputs, stream)
         shapes = [block_shape(b, s) for b, s in zip(layers, structures)]
@@ -615,8 +642,8 @@ def _compile_model(cfg: CompileConfig, keep_model: bool, partial: PartialCompile
             resumed = partial.load(None if stream else layers, structures)
             done_rows = resumed.rows
             if resumed.hidden is not None:
-                inputs.hidden = resumed.hidden
-            block_state.update(resumed.state)
+                inputs.hidden = activations.place(resumed.hidden, spill)
+            block_state.update({k: activations.place(v, spill) for k, v in resumed.state.items()})
             for i in range(len(done_rows) if stream else 0):
                 stream.skip(i)
     rows = prune_blocks(loaded, structures, plan, inputs, cfg, timer, shapes, block_state, partial, done_rows,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import activations
 from .calibrate import BlockInputs
 
 HOLDOUT_EVERY = 8  # every 8th calibration window judges the fit instead of feeding it
@@ -88,6 +89,8 @@ def reconstruct_block(block: nn.Module, inputs: BlockInputs, targets: torch.Tens
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
+                activations.release(inputs.hidden)  # spilled streams: an epoch's random reads handed back
+                activations.release(targets)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)

@@ -5,8 +5,10 @@ from its last finished block (`--resume`) and ends with the same bytes as a run 
       progress.json            what was started (options, source fingerprint, plan) and how many blocks are done
       block-00007.safetensors  block 7 as pruned (fp32, exact), its report row in the metadata (tensors beside)
       stream-00008.safetensors what block 8 needs: its inputs, the dense stream (--reconstruct / --refit),
-                               the RNG state; only the newest is kept
+                               the RNG state; only the newest is kept. Spilled streams (slimc.activations)
+                               are not copied: the metadata names their files, kept until the next block
       weights/                 --stream: the output shards, each finished block already in its place
+      activations/             the spilled activation streams (unless --offload-dir puts them elsewhere)
 
 Every file is written to a temporary name and renamed into place, and progress.json, renamed last, only names
 files that are complete: a SIGKILL at any moment leaves the previous consistent state.
@@ -24,13 +26,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
+from . import __version__, activations
 from .errors import SlimcError
 
 FORMAT = "slimc.partial/1"
 PROGRESS = "progress.json"
 # options that leave the pruned tensors alone, free to differ between the first run and --resume
-FREE_OPTIONS = ("overwrite", "resume", "max_shard_size")
+FREE_OPTIONS = ("overwrite", "resume", "max_shard_size", "activation_budget", "offload_dir")
 # entries of the block loop's state that a block hands to the next one (slimc.pipeline.prune_blocks)
 CARRIED_TENSORS = ("dense_stream",)
 CARRIED_VALUES = ("disp_debt",)
@@ -70,6 +72,9 @@ class PartialCompile:
         return f"{self.path} keeps {self.describe()}: re-run the same command with --resume to continue"
 
     def discard(self) -> None:
+        if self.exists() and self.progress().get("stream"):  # spilled streams kept under another --offload-dir
+            for path in _spilled_files(self.path / self.progress()["stream"]):
+                activations.unpin(path)
         shutil.rmtree(self.path, ignore_errors=True)
 
     # -- starting and checking -------------------------------------------------------------------------------
@@ -127,14 +132,24 @@ class PartialCompile:
         tensors = {f"block.{k}": v.detach().contiguous() for k, v in block.state_dict().items()} if block else {}
         row_json = _split_tensors(row, tensors)
         _save(tensors, self.path / f"block-{i:05d}.safetensors", {"row": json.dumps(row_json)})
-        stream = {"hidden": hidden.contiguous(), "rng": torch.get_rng_state()}
-        stream.update({k: state[k].contiguous() for k in CARRIED_TENSORS if state.get(k) is not None})
+        stream, spilled = {"rng": torch.get_rng_state()}, {}
+        for key, t in (("hidden", hidden), *((k, state.get(k)) for k in CARRIED_TENSORS)):
+            if t is None:
+                continue
+            if _whole_spilled_stream(t):  # its file is the state: pinned, not copied
+                path = activations.spill_path(t)
+                activations.pin(path)
+                spilled[key] = {"file": str(path.resolve()), "shape": list(t.shape), "dtype": str(t.dtype).split(".")[-1]}
+            else:
+                stream[key] = t.contiguous()
         values = {k: state[k] for k in CARRIED_VALUES if k in state}
         name = f"stream-{i + 1:05d}.safetensors"
-        _save(stream, self.path / name, {"values": json.dumps(values)})
+        _save(stream, self.path / name, {"values": json.dumps(values), "spilled": json.dumps(spilled)})
         old = self.progress()
         self._write_progress({**old, "blocks_done": i + 1, "stream": name})
         if old.get("stream") and old["stream"] != name:
+            for path in _spilled_files(self.path / old["stream"]) - {Path(v["file"]) for v in spilled.values()}:
+                activations.unpin(path)
             (self.path / old["stream"]).unlink(missing_ok=True)
 
     def load(self, layers, structures) -> Resumed:
@@ -153,9 +168,15 @@ class PartialCompile:
             resumed.rows.append(_join_tensors(row, tensors))
         if p["stream"]:
             with safe_open(self.path / p["stream"], "pt") as f:
-                resumed.hidden = f.get_tensor("hidden")
+                spilled = json.loads(f.metadata().get("spilled", "{}"))
+                tensors = {k: f.get_tensor(k) for k in ("hidden", *CARRIED_TENSORS) if k in f.keys()}
+                for key, where in spilled.items():  # pinned again: this run may be killed before the next block too
+                    path = Path(where["file"])
+                    tensors[key] = activations.open_spilled(path, tuple(where["shape"]), getattr(torch, where["dtype"]))
+                    activations.pin(path)
+                resumed.hidden = tensors.get("hidden")
                 torch.set_rng_state(f.get_tensor("rng"))
-                resumed.state = {k: f.get_tensor(k) for k in CARRIED_TENSORS if k in f.keys()}
+                resumed.state = {k: tensors[k] for k in CARRIED_TENSORS if k in tensors}
                 resumed.state.update(json.loads(f.metadata()["values"]))
         return resumed
 
@@ -163,6 +184,21 @@ class PartialCompile:
         tmp = self.path / (PROGRESS + ".tmp")
         tmp.write_text(json.dumps(progress, indent=1))
         os.replace(tmp, self.path / PROGRESS)
+
+
+def _whole_spilled_stream(t: torch.Tensor) -> bool:
+    path = activations.spill_path(t)
+    return (path is not None and t.is_contiguous() and t.data_ptr() == t.untyped_storage().data_ptr()
+            and t.numel() * t.element_size() == path.stat().st_size)
+
+
+def _spilled_files(stream_file: Path) -> set[Path]:
+    """The spilled streams a stream-*.safetensors names."""
+    try:
+        with safe_open(stream_file, "pt") as f:
+            return {Path(v["file"]) for v in json.loads(f.metadata().get("spilled", "{}")).values()}
+    except Exception:  # noqa: BLE001 -- a missing or torn file names nothing to keep
+        return set()
 
 
 def _save(tensors: dict, path: Path, metadata: dict) -> None:
