@@ -487,6 +487,8 @@ def compile_model(cfg: CompileConfig, keep_model: bool = False) -> CompileResult
         raise SlimcError(f"output {output} already exists (use --overwrite to replace it)")
     partial = None if cfg.plan_only else PartialCompile(output)
     streamed = _use_stream(cfg, keep_model)
+    if not streamed:
+        _check_whole_model_fits(cfg)
     resuming = bool(partial and partial.exists() and cfg.resume)
     if partial and partial.exists() and not resuming:
         if not cfg.overwrite:
@@ -523,6 +525,30 @@ def _activation_placement(cfg: CompileConfig, shape: tuple[int, int, int],
         print(f"slimc: the calibration activations take {need / 2**30:.1f} GiB ({streams} streams of {list(shape)} fp32), "
               f"more than the activation budget: they spill to {directory}", file=sys.stderr)
     return spill
+
+
+def _check_whole_model_fits(cfg: CompileConfig) -> None:
+    """A compile that holds the whole model in fp32 is refused in one line, before loading, when that alone is
+    more than the machine's RAM (a local source; a hub id's size is not known before it is fetched)."""
+    from .source import streamable_source
+    from .stream import memory_total
+
+    if not streamable_source(cfg.model):
+        return
+    from transformers import AutoModelForCausalLM
+
+    from .load import read_source_config
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(read_source_config(cfg.model).config, dtype=torch.float32)
+    nbytes = 4 * sum(p.numel() for p in skeleton.parameters())
+    if nbytes <= memory_total():
+        return
+    why = ", ".join(cfg.needs_whole_model()) or ("--stream off" if cfg.stream == "off" else "this compile")
+    hint = (" (--target onnx exports one fp32 graph of the whole model: compile with --target hf here)"
+            if cfg.target == "onnx" else "; without it the compile streams one block at a time")
+    raise SlimcError(f"{why} needs the whole model in memory: {nbytes / 2**30:.1f} GiB in fp32, more than this "
+                     f"machine's {memory_total() / 2**30:.1f} GiB of RAM{hint}")
 
 
 def _use_stream(cfg: CompileConfig, keep_model: bool) -> bool:

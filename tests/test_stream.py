@@ -266,3 +266,14 @@ def test_a_reused_disp_plan_compiles_in_memory_and_stream_on_refuses_it(tmp_path
     with pytest.raises(SlimcError, match="selects hidden dimensions") as e:
         _compile(src, tmp_path / "on", plan=str(plan), stream="on")
     assert "\n" not in str(e.value) and not (tmp_path / "on").exists()
+
+
+@pytest.mark.parametrize("kw,word", [({"target": "onnx"}, "--target onnx"), ({"stream": "off"}, "--stream off")])
+def test_a_whole_model_compile_that_cannot_fit_is_refused_before_loading(tmp_path, monkeypatch, kw, word):
+    src = _source(tmp_path)
+    monkeypatch.setattr("slimc.stream.memory_total", lambda: 1 << 10)  # a 1 KiB machine
+    with pytest.raises(SlimcError, match=re.escape(word) + ".* GiB in fp32, more than") as e:
+        _compile(src, tmp_path / "out", **kw)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    monkeypatch.setattr("slimc.stream.memory_total", lambda: 1 << 40)
+    _compile(src, tmp_path / "out", **kw)  # the same compile where it fits
