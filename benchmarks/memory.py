@@ -216,8 +216,8 @@ def main() -> None:
 
 def spill_pair(out: Path, results: dict, results_path: Path) -> None:
     """The 2-layer depth model calibrated on 112 x 1024 tokens (most of the Brown calibration split): 0.9 GiB a
-    stream, 3 live at once. Both sides stream the weights; one keeps the activations in RAM (the default budget, a quarter of RAM, holds them), the
-    other spills them past --activation-budget 256MB to files beside OUT."""
+    stream, 3 live at once. Both sides stream the weights; one keeps the activations in RAM (the default budget,
+    a quarter of RAM, holds them), the other spills them past --activation-budget 256MB to files beside OUT."""
     name = "random Llama bf16, 2 layers (hidden 2048), 112 x 1024 calibration tokens (2.6 GiB of activations)"
     row = results.get(name, {})
     src = random_llama(out / "random-llama-2", 2)
