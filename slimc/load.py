@@ -152,5 +152,12 @@ def model_fingerprint(model, source=None) -> str:
         for name, p in model.named_parameters():
             if p.is_meta:
                 p = reader.get(name)
-            h.update(f"{name}{tuple(p.shape)}{p.double().sum().item():.10e}".encode())
+            h.update(f"{name}{tuple(p.shape)}{_sum_in_fp64(p):.10e}".encode())
     return h.hexdigest()[:16]
+
+
+def _sum_in_fp64(p: torch.Tensor, chunk: int = 1 << 22) -> float:
+    """The sum of p's entries, accumulated in fp64 a chunk at a time: a whole fp64 copy of an 8B model's lm_head
+    would be 4.2 GB (torch.sum(dtype=float64) makes that copy too)."""
+    flat = p.reshape(-1)
+    return sum(float(c.double().sum()) for c in flat.split(chunk)) if flat.numel() else 0.0

@@ -277,3 +277,11 @@ def test_a_whole_model_compile_that_cannot_fit_is_refused_before_loading(tmp_pat
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     monkeypatch.setattr("slimc.stream.memory_total", lambda: 1 << 40)
     _compile(src, tmp_path / "out", **kw)  # the same compile where it fits
+
+
+def test_the_fingerprint_sums_a_tensor_in_fp64_chunks():
+    from slimc.load import _sum_in_fp64
+
+    p = torch.randn(1000, 37, generator=torch.Generator().manual_seed(0)) * 1e3
+    assert _sum_in_fp64(p, chunk=256) == pytest.approx(p.double().sum().item(), rel=1e-12, abs=1e-6)
+    assert _sum_in_fp64(torch.empty(0, 4)) == 0.0
