@@ -26,7 +26,7 @@ class LoadedModel:
     source: object = None  # a streamed compile's weight source (slimc.source); None: every weight is loaded
 
 
-def _resolve(spec: str) -> tuple[str, dict]:
+def resolve_spec(spec: str) -> tuple[str, dict]:
     """Turn the user's MODEL argument into from_pretrained arguments."""
     if spec in BUILTIN_MODELS:
         from .assets import smollm2_gguf
@@ -72,7 +72,7 @@ def read_source_config(spec: str, allow_slimc: bool = False) -> SourceConfig:
 
     import slimc  # noqa: F401  (registers slimc's own classes with the Auto* factories)
 
-    path, extra = _resolve(spec)
+    path, extra = resolve_spec(spec)
     if "gguf_file" in extra:
         _require("gguf", "loading a .gguf model")
         _require("accelerate", "loading a .gguf model")

@@ -530,14 +530,19 @@ def _activation_placement(cfg: CompileConfig, shape: tuple[int, int, int],
 def _check_whole_model_fits(cfg: CompileConfig) -> None:
     """A compile that holds the whole model in fp32 is refused in one line, before loading, when that alone is
     more than the machine's RAM (a local source; a hub id's size is not known before it is fetched)."""
+    from .load import resolve_spec, read_source_config
     from .source import streamable_source
     from .stream import memory_total
 
     if not streamable_source(cfg.model):
         return
+    path, extra = resolve_spec(cfg.model)
+    files = [Path(path) / extra["gguf_file"]] if "gguf_file" in extra else list(Path(path).glob("*.safetensors"))
+    # no format holds a weight in under 1 bit: counting the weights (parsing a GGUF takes seconds) only matters
+    # for a checkpoint that big
+    if 32 * sum(f.stat().st_size for f in files) <= memory_total():
+        return
     from transformers import AutoModelForCausalLM
-
-    from .load import read_source_config
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(read_source_config(cfg.model).config, dtype=torch.float32)
