@@ -532,7 +532,7 @@ def _check_whole_model_fits(cfg: CompileConfig) -> None:
     more than the machine's RAM (a local source; a hub id's size is not known before it is fetched)."""
     from .load import resolve_spec, read_source_config
     from .source import streamable_source
-    from .stream import memory_total
+    from .stream import dense_fp32_bytes, memory_total
 
     if not streamable_source(cfg.model):
         return
@@ -546,7 +546,7 @@ def _check_whole_model_fits(cfg: CompileConfig) -> None:
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(read_source_config(cfg.model).config, dtype=torch.float32)
-    nbytes = 4 * sum(p.numel() for p in skeleton.parameters())
+    nbytes = dense_fp32_bytes(skeleton)
     if nbytes <= memory_total():
         return
     why = ", ".join(cfg.needs_whole_model()) or ("--stream off" if cfg.stream == "off" else "this compile")

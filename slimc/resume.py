@@ -72,8 +72,9 @@ class PartialCompile:
         return f"{self.path} keeps {self.describe()}: re-run the same command with --resume to continue"
 
     def discard(self) -> None:
-        if self.exists() and self.progress().get("stream"):  # spilled streams kept under another --offload-dir
-            for path in _spilled_files(self.path / self.progress()["stream"]):
+        stream = self.progress().get("stream") if self.exists() else None
+        if stream:  # spilled streams kept under another --offload-dir
+            for path in _spilled_files(self.path / stream):
                 activations.unpin(path)
         shutil.rmtree(self.path, ignore_errors=True)
 
@@ -136,8 +137,8 @@ class PartialCompile:
         for key, t in (("hidden", hidden), *((k, state.get(k)) for k in CARRIED_TENSORS)):
             if t is None:
                 continue
-            if _whole_spilled_stream(t):  # its file is the state: pinned, not copied
-                path = activations.spill_path(t)
+            path = _whole_spilled_stream_file(t)
+            if path is not None:  # its file is the state: pinned, not copied
                 activations.pin(path)
                 spilled[key] = {"file": str(path.resolve()), "shape": list(t.shape), "dtype": str(t.dtype).split(".")[-1]}
             else:
@@ -186,10 +187,12 @@ class PartialCompile:
         os.replace(tmp, self.path / PROGRESS)
 
 
-def _whole_spilled_stream(t: torch.Tensor) -> bool:
+def _whole_spilled_stream_file(t: torch.Tensor) -> Path | None:
+    """The file of a spilled stream that `t` covers whole (not a view of part of it), else None."""
     path = activations.spill_path(t)
-    return (path is not None and t.is_contiguous() and t.data_ptr() == t.untyped_storage().data_ptr()
-            and t.numel() * t.element_size() == path.stat().st_size)
+    whole = (path is not None and t.is_contiguous() and t.data_ptr() == t.untyped_storage().data_ptr()
+             and t.numel() * t.element_size() == path.stat().st_size)
+    return path if whole else None
 
 
 def _spilled_files(stream_file: Path) -> set[Path]:
