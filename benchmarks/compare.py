@@ -4,8 +4,8 @@ same fractions of decoder-block parameters removed.
 
 Per row: Brown perplexity (evaluation split, 2048-token windows, first --ppl-tokens tokens), zero-shot
 accuracy through `slimc eval --tasks` (the seven tasks of the papers, a seeded subset of --limit documents per
-task, the same for every row), and with --speed the onnxruntime prefill speedup of slimc outputs
-(`slimc bench`, prompt 512, batch 1). Every compile and evaluation runs as the CLI a user runs, in its own
+task, the same for every row), and with --speed the onnxruntime prefill speedup of every row's model, the
+peers' included (`slimc bench --against MODEL`, prompt 512, batch 1; rows already evaluated get it too). Every compile and evaluation runs as the CLI a user runs, in its own
 process; results are appended to OUT/results.json as they come, so a re-run skips finished rows.
 
     python benchmarks/peers.py setup && python benchmarks/peers.py prune --out bench-out/peers   # peers first
@@ -85,17 +85,33 @@ def run(args) -> None:
                           "--overwrite")
                     row["compile_s"] = time.perf_counter() - t
                 row["fraction_removed"] = block_fraction_removed(Path(model))
-                if args.speed:
-                    speed_json = out / f"{name.replace('@', '-')}-speed.json"
-                    slimc("bench", model, "--runtime", "onnxruntime", "--prompts", "512", "--batches", "1",
-                          "--json", str(speed_json))
-                    row["onnx"] = json.loads(speed_json.read_text())
             row.update(evaluate(model, out / f"{name.replace('@', '-')}-eval.json", args))
         except RuntimeError as e:
             row["error"] = str(e)[-1500:]
             print(row["error"], file=sys.stderr)
         row["seconds"] = time.perf_counter() - t0
         results[name] = row
+        save()
+    if args.speed:
+        measure_speed(results, out, args, save)
+
+
+def measure_speed(results: dict, out: Path, args, save) -> None:
+    """onnxruntime prefill (and batch-1 decode) of every row's model against the dense one, side by side in one
+    `slimc bench` run per row; a model compiled for another target is exported once into slimc's cache."""
+    for name, row in results.items():
+        if name == "dense" or "tasks" not in row or "onnx" in row:
+            continue
+        model = row["peer"]["dir"] if "peer" in row else str(out / name.replace("@", "-"))
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: onnxruntime speed", flush=True)
+        speed_json = out / f"{name.replace('@', '-')}-speed.json"
+        try:
+            slimc("bench", model, "--against", args.model, "--runtime", "onnxruntime", "--prompts", "512",
+                  "--batches", "1", "--json", str(speed_json))
+            row["onnx"] = json.loads(speed_json.read_text())
+        except RuntimeError as e:
+            row["onnx"] = {"error": str(e)[-1500:]}
+            print(row["onnx"]["error"], file=sys.stderr)
         save()
 
 
@@ -116,7 +132,7 @@ def onnx_speedup(row: dict) -> str:
     o = row.get("onnx")
     if not o:
         return "–"
-    prefill = [r for r in o.get("rows", []) if r.get("kind") == "prefill"]
+    prefill = [r for r in o.get("rows", []) if r.get("phase") == "prefill"]
     return f"{prefill[0]['speedup']:.2f}×" if prefill and "speedup" in prefill[0] else "–"
 
 
@@ -193,7 +209,7 @@ def main() -> None:
     p.add_argument("--peers", help="directory written by benchmarks/peers.py (its peers.json)")
     p.add_argument("--limit", type=int, default=50, help="documents per task (seeded subset, the same for every row)")
     p.add_argument("--ppl-tokens", type=int, default=32768)
-    p.add_argument("--speed", action="store_true", help="also onnxruntime prefill speedup of slimc outputs")
+    p.add_argument("--speed", action="store_true", help="also onnxruntime prefill speedup of every row's model")
     p.add_argument("--report", action="store_true", help="only write the table and the figure")
     p.add_argument("--also", nargs="*", help="--report: merge the rows of these other --out directories")
     args = p.parse_args()

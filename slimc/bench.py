@@ -105,14 +105,15 @@ class _OrtRunner:
         return run
 
 
-def _dense_onnx_dir(spec: str, model) -> Path:
-    """The dense model's ONNX export, cached by model fingerprint (export takes minutes)."""
+def _onnx_export_dir(spec: str, model) -> Path:
+    """`model`'s ONNX export, cached by model fingerprint (export takes minutes): the dense model's, and a
+    pruned model's compiled without --target onnx (a slimc output for another runtime, a peer's checkpoint)."""
     from .assets import cache_dir
-    from .exporters.onnx import ONNX_DIR, export_onnx
+    from .exporters.onnx import IO_FILE, ONNX_DIR, export_onnx
 
-    d = cache_dir() / "onnx-dense" / model_fingerprint(model)
-    if not (d / ONNX_DIR / "io.json").is_file():
-        print(f"slimc: exporting the dense model {spec} to ONNX once (cached in {d})")
+    d = cache_dir() / "onnx-exports" / model_fingerprint(model)
+    if not (d / ONNX_DIR / IO_FILE).is_file():
+        print(f"slimc: exporting {spec} to ONNX once (cached in {d})")
         export_onnx(model, d)
     return d / ONNX_DIR
 
@@ -123,11 +124,12 @@ def run_bench(out: str, runtime: str = "onnxruntime", against: str | None = None
 
     out_dir = Path(out)
     plan_path = out_dir / "slimc_plan.json"
-    if not plan_path.is_file():
-        raise SlimcError(f"{out} is not a slimc output (no slimc_plan.json)")
-    against = against or json.loads(plan_path.read_text()).get("source_model")
     if not against:
-        raise SlimcError("the plan names no source model: pass --against MODEL")
+        if not plan_path.is_file():
+            raise SlimcError(f"{out} is not a slimc output (no slimc_plan.json): pass --against DENSE_MODEL")
+        against = json.loads(plan_path.read_text()).get("source_model")
+        if not against:
+            raise SlimcError("the plan names no source model: pass --against MODEL")
     if runtime not in RUNTIMES:
         raise SlimcError(f"unknown runtime {runtime!r} (choose from {', '.join(RUNTIMES)})")
     if runtime == "vllm":
@@ -149,10 +151,12 @@ def run_bench(out: str, runtime: str = "onnxruntime", against: str | None = None
     if runtime == "torch":
         runners = {"dense": _TorchRunner(dense.model), "pruned": _TorchRunner(pruned.model.float())}
     else:
-        if not (out_dir / "onnx" / "io.json").is_file():
-            raise SlimcError(f"{out} has no ONNX model: compile it with --target onnx")
-        runners = {"dense": _OrtRunner(_dense_onnx_dir(against, dense.model), dense.model.config, threads),
-                   "pruned": _OrtRunner(out_dir / "onnx", pruned.model.config, threads)}
+        from .exporters.onnx import IO_FILE, ONNX_DIR
+
+        compiled = out_dir / ONNX_DIR
+        pruned_onnx = compiled if (compiled / IO_FILE).is_file() else _onnx_export_dir(out, pruned.model)
+        runners = {"dense": _OrtRunner(_onnx_export_dir(against, dense.model), dense.model.config, threads),
+                   "pruned": _OrtRunner(pruned_onnx, pruned.model.config, threads)}
     prefill, decode = {}, {}
     for seq in prompts:
         fns = {k: r.prefill(1, seq) for k, r in runners.items()}

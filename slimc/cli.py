@@ -122,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="also write the result as JSON to this path")
 
     b = sub.add_parser("bench", help="pruned vs dense speed, side by side, on a runtime")
-    b.add_argument("model", help="a slimc output directory")
+    b.add_argument("model", help="a slimc output directory (any other checkpoint with --against; onnxruntime: "
+                                 "exported once into the cache unless compiled with --target onnx)")
     b.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "torch", "vllm"])
     b.add_argument("--against", help="the dense model (default: the plan's source model)")
     b.add_argument("--prompts", default="128,512,2048", help="prefill prompt lengths")

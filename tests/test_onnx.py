@@ -11,6 +11,7 @@ pytest.importorskip("onnxscript")
 
 import slimc  # noqa: E402
 from slimc.bench import forward_macs, run_bench  # noqa: E402
+from slimc.errors import SlimcError  # noqa: E402
 from slimc.runtime_onnx import OnnxDecoder  # noqa: E402
 
 from test_compile_e2e import tiny_dir  # noqa: E402,F401  (module fixture: a tiny Llama on disk)
@@ -55,6 +56,31 @@ def test_bench_runs_end_to_end(onnx_out, tiny_dir, runtime, tmp_path, monkeypatc
     assert [row["phase"] for row in r["rows"]] == ["prefill", "prefill", "decode", "decode"]
     assert all(row["ideal"] > 1 and row["speedup"] > 0 for row in r["rows"])
     assert r["params_pruned"] < r["params_dense"]
+
+
+def test_bench_exports_a_model_compiled_for_another_target_once(tiny_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """A --target hf output (or any checkpoint, with --against) is benched on onnxruntime through an export
+    cached by fingerprint, next to the dense one; nothing is written into the output directory."""
+    monkeypatch.setenv("SLIMC_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "hf"
+    slimc.compile(str(tiny_dir), str(out), 0.3, calib=str(tiny_dir.parent / "calib.txt"), calib_samples=8, seq_len=32)
+    assert not (out / "onnx").exists()
+    kw = dict(prompts=(16,), batches=(1,), decode_steps=2, reps=1)
+    r = run_bench(str(out), "onnxruntime", against=str(tiny_dir), **kw)
+    assert r["params_pruned"] < r["params_dense"] and [row["phase"] for row in r["rows"]] == ["prefill", "decode"]
+    exports = sorted((tmp_path / "cache" / "onnx-exports").iterdir())
+    assert len(exports) == 2 and all((d / "onnx" / "io.json").is_file() for d in exports)
+    assert capsys.readouterr().out.count("exporting") == 2
+    run_bench(str(out), "onnxruntime", against=str(tiny_dir), **kw)
+    assert "exporting" not in capsys.readouterr().out  # both exports come from the cache
+    assert not (out / "onnx").exists()
+
+
+def test_bench_of_a_plain_checkpoint_needs_against(tiny_dir):  # noqa: F811
+    with pytest.raises(SlimcError, match="pass --against"):
+        run_bench(str(tiny_dir), "torch")
+    r = run_bench(str(tiny_dir), "torch", against=str(tiny_dir), prompts=(8,), batches=(1,), decode_steps=1, reps=1)
+    assert r["params_pruned"] == r["params_dense"]
 
 
 def test_flop_count_by_hand():
