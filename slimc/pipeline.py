@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -138,11 +139,19 @@ def prune_blocks(loaded: LoadedModel, structures: list[BlockStructure], plan: Pr
         layers[i] = block.to("cpu") if device.type != "cpu" else block
         if stream:  # into the output shards before progress.json says the block is done
             stream.finish(i, layers[i])
+        activations.release_all()  # what random-access readers (reconstruction, refit) pulled in of spilled streams
+        # the process's high-water mark so far: flat over the blocks when memory does not grow with depth
+        rows[-1]["peak_rss_mb"] = round(peak_rss_mb())
         if partial:
             partial.save_block(i, None if stream else layers[i], rows[-1], out, state)
-        activations.release_all()  # what random-access readers (reconstruction, refit) pulled in of spilled streams
     timer.block = ""
     return rows
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def _relative_error(out: torch.Tensor, dense_out: torch.Tensor, rows: int = 8) -> float:

@@ -96,11 +96,12 @@ def format_report(r: dict) -> str:
     p = r["params"]
     disp = any("attn_in_dims" in row for row in r["layers"])
     dims_head = "".join(f" {title:>6}" for _, title in DIM_COLUMNS) if disp else ""
-    lines = [f"{'layer':>5} {'heads':>6} {'kv':>4} {'ffn':>6}{dims_head} {'ratio':>7} {'rel.err':>9}"]
+    lines = [f"{'layer':>5} {'heads':>6} {'kv':>4} {'ffn':>6}{dims_head} {'ratio':>7} {'rel.err':>9} {'peak MB':>8}"]
     for row in r["layers"]:
         dims = "".join(f" {row[key]:>6}" for key, _ in DIM_COLUMNS) if disp else ""
+        peak = f"{row['peak_rss_mb']:>8,}" if "peak_rss_mb" in row else f"{'-':>8}"  # rows resumed from older slimc
         lines.append(f"{row['layer']:>5} {row['heads']:>6} {row['kv_heads']:>4} {row['ffn']:>6}{dims} "
-                     f"{row['ratio']:>7.3f} {row['rel_error']:>9.4f}")
+                     f"{row['ratio']:>7.3f} {row['rel_error']:>9.4f} {peak}")
     lines += [
         f"decoder-block params: {p['blocks_before']:,} -> {p['blocks_after']:,} "
         f"({p['blocks_reduction']:.2%} removed; target {r['plan']['sparsity']:.1%})",

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import slimc
 from slimc import resume, source
+from slimc.report import format_report
 from slimc.checkpoint import CheckpointWriter, Entry, plan_shards, write_state
 from slimc.errors import SlimcError
 from slimc.load import load_model, model_fingerprint
@@ -106,8 +107,12 @@ def test_a_streamed_compile_holds_at_most_one_block(tmp_path, monkeypatch):
 
     monkeypatch.setattr(source, "fetch_block", counting_fetch)
     monkeypatch.setattr("slimc.stream.fetch_block", counting_fetch)
-    _compile(src, tmp_path / "out", stream="on")
+    res = _compile(src, tmp_path / "out", stream="on")
     assert len(live) >= 4 and max(live) == 1
+    # each block's row carries the process's high-water mark so far, in the printed report too
+    peaks = [row["peak_rss_mb"] for row in res.report["layers"]]
+    assert len(peaks) >= 4 and peaks == sorted(peaks) and peaks[0] > 100
+    assert f"{peaks[-1]:,}" in format_report(res.report)
 
 
 def test_streamed_source_fingerprint_is_the_loaded_models(tmp_path):
