@@ -133,7 +133,9 @@ def onnx_speedup(row: dict) -> str:
     if not o:
         return "–"
     prefill = [r for r in o.get("rows", []) if r.get("phase") == "prefill"]
-    return f"{prefill[0]['speedup']:.2f}×" if prefill and "speedup" in prefill[0] else "–"
+    if not prefill or "speedup" not in prefill[0]:
+        return "–"
+    return f"{prefill[0]['speedup']:.2f}× (ideal {prefill[0]['ideal']:.2f}×)"  # the FLOP-ideal: a check on noise
 
 
 def report(args) -> None:
