@@ -132,6 +132,8 @@ def onnx_speedup(row: dict) -> str:
     o = row.get("onnx")
     if not o:
         return "–"
+    if "error" in o:
+        return "failed (results.json)"
     prefill = [r for r in o.get("rows", []) if r.get("phase") == "prefill"]
     if not prefill or "speedup" not in prefill[0]:
         return "–"
