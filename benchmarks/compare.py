@@ -35,6 +35,11 @@ def slimc(*args: str) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
 
 
+def file_stem(row_name: str) -> str:
+    """A row's name on disk: its compiled model directory, its -eval.json and -speed.json ("slimgpt@0.2" -> "slimgpt-0.2")."""
+    return row_name.replace("@", "-")
+
+
 def block_fraction_removed(model_dir: Path) -> float:
     return json.loads((model_dir / "slimc_plan.json").read_text())["achieved_sparsity"]
 
@@ -78,14 +83,14 @@ def run(args) -> None:
                 model = spec["dir"]
                 row.update(fraction_removed=spec["achieved_fraction"], peer=spec)
             else:
-                model = str(out / name.replace("@", "-"))
+                model = str(out / file_stem(name))
                 if not Path(model, "slimc_plan.json").is_file():
                     t = time.perf_counter()
                     slimc("compile", args.model, "-o", model, "--sparsity", str(spec), "--method", method,
                           "--overwrite")
                     row["compile_s"] = time.perf_counter() - t
                 row["fraction_removed"] = block_fraction_removed(Path(model))
-            row.update(evaluate(model, out / f"{name.replace('@', '-')}-eval.json", args))
+            row.update(evaluate(model, out / f"{file_stem(name)}-eval.json", args))
         except RuntimeError as e:
             row["error"] = str(e)[-1500:]
             print(row["error"], file=sys.stderr)
@@ -102,9 +107,9 @@ def measure_speed(results: dict, out: Path, args, save) -> None:
     for name, row in results.items():
         if name == "dense" or "tasks" not in row or "onnx" in row:
             continue
-        model = row["peer"]["dir"] if "peer" in row else str(out / name.replace("@", "-"))
+        model = row["peer"]["dir"] if "peer" in row else str(out / file_stem(name))
         print(f"[{time.strftime('%H:%M:%S')}] {name}: onnxruntime speed", flush=True)
-        speed_json = out / f"{name.replace('@', '-')}-speed.json"
+        speed_json = out / f"{file_stem(name)}-speed.json"
         try:
             slimc("bench", model, "--against", args.model, "--runtime", "onnxruntime", "--prompts", "512",
                   "--batches", "1", "--json", str(speed_json))

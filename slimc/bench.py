@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .errors import SlimcError
+from .exporters.onnx import IO_FILE, ONNX_DIR, export_onnx
 from .load import model_fingerprint
 
 PROMPTS = (128, 512, 2048)
@@ -109,7 +110,6 @@ def _onnx_export_dir(spec: str, model) -> Path:
     """`model`'s ONNX export, cached by model fingerprint (export takes minutes): the dense model's, and a
     pruned model's compiled without --target onnx (a slimc output for another runtime, a peer's checkpoint)."""
     from .assets import cache_dir
-    from .exporters.onnx import IO_FILE, ONNX_DIR, export_onnx
 
     d = cache_dir() / "onnx-exports" / model_fingerprint(model)
     if not (d / ONNX_DIR / IO_FILE).is_file():
@@ -151,8 +151,6 @@ def run_bench(out: str, runtime: str = "onnxruntime", against: str | None = None
     if runtime == "torch":
         runners = {"dense": _TorchRunner(dense.model), "pruned": _TorchRunner(pruned.model.float())}
     else:
-        from .exporters.onnx import IO_FILE, ONNX_DIR
-
         compiled = out_dir / ONNX_DIR
         pruned_onnx = compiled if (compiled / IO_FILE).is_file() else _onnx_export_dir(out, pruned.model)
         runners = {"dense": _OrtRunner(_onnx_export_dir(against, dense.model), dense.model.config, threads),
