@@ -1,0 +1,100 @@
+"""Choose `--distill-epochs` / `--distill-lr` without recompiling: distil one compiled output several ways.
+
+A compile with `--distill-epochs N` prunes first and distils last, on the same calibration windows; the pruning
+does not depend on the distillation settings. So each setting here starts from the same compiled OUT (reloaded
+fresh, fp32), rebuilds the windows that OUT's plan records (plain text + chat mix, same seed), distils with
+slimc's own `distill()`, and scores perplexity at two windows and the chat metrics — on held-out text and the
+probe prompts when choosing. The pipeline distils before the output's dtype cast, here after it: the starting
+weights differ by that rounding only (fp32 sources such as a GGUF: not at all).
+
+    python benchmarks/distill_sweep.py bench-out/levers-eval/0.3 --settings 1:5e-5,1:2e-4,2:2e-4 \
+        --ppl brown-heldout --chat probe --results bench-out/kd/results-heldout.json
+
+Settings are EPOCHS:LR; `0:0` scores OUT as it is.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from chat import PROMPT_SETS  # noqa: E402
+
+
+def calibration_windows(plan: dict, dense):
+    """The [n, seq_len] windows the compile of this plan calibrated (and would distil) on."""
+    import torch
+
+    from slimc import chat, data
+    from slimc.load import model_fingerprint
+
+    calib = plan["calibration"]
+    samples = data.calibration_samples(dense.tokenizer, calib["source"], calib["samples"], calib["seq_len"],
+                                       plan["seed"], strict=False)
+    mix = calib.get("chat")
+    if mix:
+        windows, _ = chat.calibration_windows(dense.model, dense.tokenizer, calib["source"], samples.shape[0],
+                                              calib["seq_len"], plan["seed"], mix["mix"], mix["kind"],
+                                              model_fingerprint(dense.model))
+        samples = torch.cat([samples, windows])
+    return samples
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", help="a compiled slimc output (OUT)")
+    p.add_argument("--settings", required=True, help="comma list of EPOCHS:LR")
+    p.add_argument("--ppl", default="brown-heldout")
+    p.add_argument("--windows", default="512,2048")
+    p.add_argument("--max-tokens", type=int, default=32_768)
+    p.add_argument("--chat", choices=sorted(PROMPT_SETS), default="probe")
+    p.add_argument("--chat-tokens", type=int, default=128)
+    p.add_argument("--results", required=True)
+    args = p.parse_args()
+
+    from slimc import chat, data
+    from slimc.distill import distill
+    from slimc.evaluate import perplexity
+    from slimc.exporters.hf import PLAN_FILE
+    from slimc.load import load_model, model_fingerprint
+
+    out = Path(args.out)
+    plan = json.loads((out / PLAN_FILE).read_text())
+    dense = load_model(plan["source_model"], dtype="float32")
+    samples = calibration_windows(plan, dense)
+    convs = chat.builtin_prompts("eval") if PROMPT_SETS[args.chat] == "builtin" else chat.read_conversations(PROMPT_SETS[args.chat])
+    prompts = chat.prompts_of(convs)
+    reference = chat.reference_answers(dense.model, dense.tokenizer, prompts, args.chat_tokens,
+                                       model_fingerprint(dense.model))
+    results_path = Path(args.results)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    for setting in args.settings.split(","):
+        epochs, lr = int(setting.split(":")[0]), float(setting.split(":")[1])
+        key = f"{out.name} {setting}"
+        row: dict = {"out": str(out), "epochs": epochs, "lr": lr, "text": args.ppl, "prompts": args.chat,
+                     "calibration_windows": list(samples.shape)}
+        student = load_model(str(out), dtype="float32", allow_slimc=True)
+        if epochs:
+            t = time.perf_counter()
+            row["distill"] = distill(student.model, dense.model, samples, epochs, lr, seed=plan["seed"]).__dict__
+            row["distill"]["seconds"] = time.perf_counter() - t
+            print(f"== {key}: {row['distill']}", flush=True)
+        student.model.eval()
+        for w in (int(x) for x in args.windows.split(",")):
+            windows = data.eval_windows(student.tokenizer, args.ppl, w, args.max_tokens)
+            row[f"ppl_{w}"] = perplexity(student.model, windows)["ppl"]
+        c = chat.chat_fidelity(student.model, student.tokenizer, prompts, reference, args.chat_tokens)
+        row["chat"] = {k: c[k] for k in ("nll", "answered", "agreement")}
+        print(f"== {key}: {json.dumps({k: v for k, v in row.items() if k.startswith('ppl') or k == 'chat'})}", flush=True)
+        results = {**(json.loads(results_path.read_text()) if results_path.exists() else {}), key: row}
+        results_path.write_text(json.dumps(results, indent=2))
+        del student
+
+
+if __name__ == "__main__":
+    main()
