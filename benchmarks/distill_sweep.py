@@ -26,21 +26,21 @@ sys.path.insert(0, str(HERE))
 from chat import PROMPT_SETS  # noqa: E402
 
 
-def calibration_windows(plan: dict, dense):
+def calibration_windows(plan: dict, dense, dense_key: str):
     """The [n, seq_len] windows the compile of this plan calibrated (and would distil) on."""
     import torch
 
     from slimc import chat, data
-    from slimc.load import model_fingerprint
 
     calib = plan["calibration"]
     samples = data.calibration_samples(dense.tokenizer, calib["source"], calib["samples"], calib["seq_len"],
                                        plan["seed"], strict=False)
     mix = calib.get("chat")
     if mix:
-        windows, _ = chat.calibration_windows(dense.model, dense.tokenizer, calib["source"], samples.shape[0],
-                                              calib["seq_len"], plan["seed"], mix["mix"], mix["kind"],
-                                              model_fingerprint(dense.model))
+        windows, info = chat.calibration_windows(dense.model, dense.tokenizer, calib["source"], samples.shape[0],
+                                                 calib["seq_len"], plan["seed"], mix["mix"], mix["kind"], dense_key)
+        if info != mix:  # the compile's own record of its chat windows: anything else is not the same calibration
+            raise SystemExit(f"rebuilt chat windows {info} differ from the plan's {mix}")
         samples = torch.cat([samples, windows])
     return samples
 
@@ -66,15 +66,15 @@ def main() -> None:
     out = Path(args.out)
     plan = json.loads((out / PLAN_FILE).read_text())
     dense = load_model(plan["source_model"], dtype="float32")
-    samples = calibration_windows(plan, dense)
-    convs = chat.builtin_prompts("eval") if PROMPT_SETS[args.chat] == "builtin" else chat.read_conversations(PROMPT_SETS[args.chat])
-    prompts = chat.prompts_of(convs)
-    reference = chat.reference_answers(dense.model, dense.tokenizer, prompts, args.chat_tokens,
-                                       model_fingerprint(dense.model))
+    dense_key = model_fingerprint(dense.model)
+    samples = calibration_windows(plan, dense, dense_key)
+    prompts = chat.chat_prompts(PROMPT_SETS[args.chat])
+    reference = chat.reference_answers(dense.model, dense.tokenizer, prompts, args.chat_tokens, dense_key)
     results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     for setting in args.settings.split(","):
-        epochs, lr = int(setting.split(":")[0]), float(setting.split(":")[1])
+        epochs_text, lr_text = setting.split(":")
+        epochs, lr = int(epochs_text), float(lr_text)
         key = f"{out.name} {setting}"
         row: dict = {"out": str(out), "epochs": epochs, "lr": lr, "text": args.ppl, "prompts": args.chat,
                      "calibration_windows": list(samples.shape)}

@@ -104,6 +104,11 @@ def prompts_of(conversations: list[Conversation]) -> list[Conversation]:
     return out
 
 
+def chat_prompts(spec: str) -> list[Conversation]:
+    """`--chat SPEC`'s prompts: "builtin" (the eval set) or a JSONL file of conversations."""
+    return prompts_of(builtin_prompts("eval") if spec == "builtin" else read_conversations(spec))
+
+
 def render(tokenizer, conversation: Conversation, add_generation_prompt: bool = False) -> str:
     if not has_chat_template(tokenizer):
         raise SlimcError("this model's tokenizer has no chat template: chat prompts and chat calibration need one")

@@ -59,8 +59,7 @@ def run_eval(model: str, ppl: str | None = None, seq_len: int = 2048, max_tokens
     ppl = ppl or "brown"
     prompts = None
     if chat:  # read the prompts before minutes of loading: a bad file fails at once
-        convs = chat_mod.builtin_prompts("eval") if chat == "builtin" else chat_mod.read_conversations(chat)
-        prompts = chat_mod.prompts_of(convs)
+        prompts = chat_mod.chat_prompts(chat)
     loaded = load_model(model, dtype=dtype, device=device, allow_slimc=True)
     if chat and not chat_mod.has_chat_template(loaded.tokenizer):
         raise SlimcError(f"--chat: {model} has no chat template")
