@@ -10,7 +10,8 @@ weights differ by that rounding only (fp32 sources such as a GGUF: not at all).
     python benchmarks/distill_sweep.py bench-out/levers-eval/0.3 --settings 1:5e-5,1:2e-4,2:2e-4 \
         --ppl brown-heldout --chat probe --results bench-out/kd/results-heldout.json
 
-Settings are EPOCHS:LR; `0:0` scores OUT as it is.
+Settings are EPOCHS:LR[:WINDOWS]; `0:0` scores OUT as it is. WINDOWS is `all` (default: the plain and chat
+windows, as a compile distils) or `chat` (the chat windows only).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from chat import PROMPT_SETS  # noqa: E402
 
 
 def calibration_windows(plan: dict, dense, dense_key: str):
-    """The [n, seq_len] windows the compile of this plan calibrated (and would distil) on."""
+    """The [n, seq_len] windows the compile of this plan calibrated (and would distil) on, and how many of the
+    first are plain text (the chat windows follow)."""
     import torch
 
     from slimc import chat, data
@@ -41,8 +43,8 @@ def calibration_windows(plan: dict, dense, dense_key: str):
                                                  calib["seq_len"], plan["seed"], mix["mix"], mix["kind"], dense_key)
         if info != mix:  # the compile's own record of its chat windows: anything else is not the same calibration
             raise SystemExit(f"rebuilt chat windows {info} differ from the plan's {mix}")
-        samples = torch.cat([samples, windows])
-    return samples
+        return torch.cat([samples, windows]), samples.shape[0]
+    return samples, samples.shape[0]
 
 
 def main() -> None:
@@ -67,21 +69,26 @@ def main() -> None:
     plan = json.loads((out / PLAN_FILE).read_text())
     dense = load_model(plan["source_model"], dtype="float32")
     dense_key = model_fingerprint(dense.model)
-    samples = calibration_windows(plan, dense, dense_key)
+    samples, n_plain = calibration_windows(plan, dense, dense_key)
     prompts = chat.chat_prompts(PROMPT_SETS[args.chat])
     reference = chat.reference_answers(dense.model, dense.tokenizer, prompts, args.chat_tokens, dense_key)
     results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     for setting in args.settings.split(","):
-        epochs_text, lr_text = setting.split(":")
+        epochs_text, lr_text, *which = setting.split(":")
         epochs, lr = int(epochs_text), float(lr_text)
+        which = which[0] if which else "all"
+        if which not in ("all", "chat"):
+            raise SystemExit(f"{setting}: WINDOWS is all or chat")
+        train = samples[n_plain:] if which == "chat" else samples
         key = f"{out.name} {setting}"
-        row: dict = {"out": str(out), "epochs": epochs, "lr": lr, "text": args.ppl, "prompts": args.chat,
-                     "calibration_windows": list(samples.shape)}
+        row: dict = {"out": str(out), "epochs": epochs, "lr": lr, "windows": which, "text": args.ppl,
+                     "prompts": args.chat, "calibration_windows": list(samples.shape),
+                     "distill_windows": list(train.shape)}
         student = load_model(str(out), dtype="float32", allow_slimc=True)
         if epochs:
             t = time.perf_counter()
-            row["distill"] = distill(student.model, dense.model, samples, epochs, lr, seed=plan["seed"]).__dict__
+            row["distill"] = distill(student.model, dense.model, train, epochs, lr, seed=plan["seed"]).__dict__
             row["distill"]["seconds"] = time.perf_counter() - t
             print(f"== {key}: {row['distill']}", flush=True)
         student.model.eval()
