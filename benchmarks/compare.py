@@ -123,7 +123,8 @@ def measure_speed(results: dict, out: Path, args, save) -> None:
 def skilled_tasks(dense: dict) -> list[str]:
     """Tasks where the dense model is above chance by more than two standard errors: elsewhere a ratio of
     distances to chance is noise divided by noise."""
-    return [t for t in TASKS if dense["tasks"][t]["acc"] - CHANCE[t] > 2 * dense["tasks"][t]["acc_stderr"]]
+    return [t for t in TASKS if t in dense["tasks"]
+            and dense["tasks"][t]["acc"] - CHANCE[t] > 2 * dense["tasks"][t]["acc_stderr"]]
 
 
 def retained_above_chance(row: dict, dense: dict) -> float:
@@ -131,6 +132,39 @@ def retained_above_chance(row: dict, dense: dict) -> float:
     ratios = [(row["tasks"][t]["acc"] - CHANCE[t]) / (dense["tasks"][t]["acc"] - CHANCE[t])
               for t in skilled_tasks(dense)]
     return sum(ratios) / len(ratios) if ratios else float("nan")
+
+
+def retained_above_chance_stderr(row: dict, dense: dict) -> float:
+    """Standard error of retained_above_chance by the delta method, the two models' task errors taken as
+    independent. Both score the same documents, so their errors are positively correlated and this overstates
+    the true error: a conservative bar."""
+    tasks = skilled_tasks(dense)
+    var = 0.0
+    for t in tasks:
+        gap = dense["tasks"][t]["acc"] - CHANCE[t]
+        ratio = (row["tasks"][t]["acc"] - CHANCE[t]) / gap
+        var += (row["tasks"][t]["acc_stderr"] ** 2 + ratio**2 * dense["tasks"][t]["acc_stderr"] ** 2) / gap**2
+    return var**0.5 / len(tasks) if tasks else float("nan")
+
+
+def kept_table(paths: list[str]) -> str:
+    """Accuracy rows of `slimc eval --tasks --json` outputs against the dense column the first one carries
+    (`--against`): per-task accuracy, the average and the dense skill kept above chance, each with its error."""
+    runs = {Path(p).stem: json.loads(Path(p).read_text()) for p in paths}
+    dense = next(iter(runs.values())).get("against")
+    if not dense or "tasks" not in dense:
+        raise SystemExit(f"{paths[0]}: no dense column (run slimc eval with --against)")
+    tasks = [t for t in TASKS if t in dense["tasks"]]
+    header = "| model | " + " | ".join(tasks) + " | average | kept above chance |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for name, row in [(f"dense ({dense['model']})", dense), *runs.items()]:
+        accs = " | ".join(f"{row['tasks'][t]['acc']:.3f} ± {row['tasks'][t]['acc_stderr']:.3f}" for t in tasks)
+        kept = ("–" if row is dense else
+                f"{retained_above_chance(row, dense):.1%} ± {retained_above_chance_stderr(row, dense):.1%}")
+        lines.append(f"| {name} | {accs} | {row['average']:.4f} ± {row['average_stderr']:.4f} | {kept} |")
+    n = ", ".join(f"{t} {dense['tasks'][t]['n']}" for t in tasks)
+    lines += ["", f"n per task: {n}; kept above chance over {', '.join(skilled_tasks(dense))} (dense > chance + 2 SE)."]
+    return "\n".join(lines)
 
 
 def onnx_speedup(row: dict) -> str:
@@ -221,8 +255,14 @@ def main() -> None:
     p.add_argument("--speed", action="store_true", help="also onnxruntime prefill speedup of every row's model")
     p.add_argument("--report", action="store_true", help="only write the table and the figure")
     p.add_argument("--also", nargs="*", help="--report: merge the rows of these other --out directories")
+    p.add_argument("--kept", nargs="+", metavar="EVAL_JSON",
+                   help="only print the accuracy table of these `slimc eval --tasks --json` files, the dense column "
+                        "from the first one's --against, kept above chance with its standard error")
     args = p.parse_args()
-    report(args) if args.report else run(args)
+    if args.kept:
+        print(kept_table(args.kept))
+    else:
+        report(args) if args.report else run(args)
 
 
 if __name__ == "__main__":
