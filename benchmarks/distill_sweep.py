@@ -47,10 +47,28 @@ def calibration_windows(plan: dict, dense, dense_key: str):
     return samples, samples.shape[0]
 
 
+def parse_settings(text: str) -> list[tuple[str, int, float, str]]:
+    """`EPOCHS:LR[:WINDOWS],…` -> (setting, epochs, lr, windows) each, checked before minutes of loading."""
+    settings = []
+    for setting in text.split(","):
+        parts = setting.split(":")
+        try:
+            if len(parts) not in (2, 3):
+                raise ValueError
+            epochs, lr = int(parts[0]), float(parts[1])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{setting!r} is not EPOCHS:LR[:WINDOWS]") from None
+        which = parts[2] if len(parts) == 3 else "all"
+        if which not in ("all", "chat"):
+            raise argparse.ArgumentTypeError(f"{setting!r}: WINDOWS is all or chat")
+        settings.append((setting, epochs, lr, which))
+    return settings
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="a compiled slimc output (OUT)")
-    p.add_argument("--settings", required=True, help="comma list of EPOCHS:LR")
+    p.add_argument("--settings", required=True, type=parse_settings, help="comma list of EPOCHS:LR[:WINDOWS]")
     p.add_argument("--ppl", default="brown-heldout")
     p.add_argument("--windows", default="512,2048")
     p.add_argument("--max-tokens", type=int, default=32_768)
@@ -74,12 +92,7 @@ def main() -> None:
     reference = chat.reference_answers(dense.model, dense.tokenizer, prompts, args.chat_tokens, dense_key)
     results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    for setting in args.settings.split(","):
-        epochs_text, lr_text, *which = setting.split(":")
-        epochs, lr = int(epochs_text), float(lr_text)
-        which = which[0] if which else "all"
-        if which not in ("all", "chat"):
-            raise SystemExit(f"{setting}: WINDOWS is all or chat")
+    for setting, epochs, lr, which in args.settings:
         train = samples[n_plain:] if which == "chat" else samples
         key = f"{out.name} {setting}"
         row: dict = {"out": str(out), "epochs": epochs, "lr": lr, "windows": which, "text": args.ppl,
