@@ -4,11 +4,15 @@ A compile with `--distill-epochs N` prunes first and distils last, on the same c
 does not depend on the distillation settings. So each setting here starts from the same compiled OUT (reloaded
 fresh, fp32), rebuilds the windows that OUT's plan records (plain text + chat mix, same seed), distils with
 slimc's own `distill()`, and scores perplexity at two windows and the chat metrics — on held-out text and the
-probe prompts when choosing. The pipeline distils before the output's dtype cast, here after it: the starting
+probe prompts when choosing; `--ppl` and `--chat` take comma lists, paired in order, to score the same distilled
+model on the choosing text and the reported one. The pipeline distils before the output's dtype cast, here after it: the starting
 weights differ by that rounding only (fp32 sources such as a GGUF: not at all).
 
     python benchmarks/distill_sweep.py bench-out/levers-eval/0.3 --settings 1:5e-5,1:2e-4,2:2e-4 \
         --ppl brown-heldout --chat probe --results bench-out/kd/results-heldout.json
+
+    python benchmarks/distill_sweep.py bench-out/levers-eval/0.5+rec --settings 2:2e-4 \
+        --ppl brown-heldout,brown --chat probe,eval --results bench-out/kd/results-0.5rec.json
 
 Settings are EPOCHS:LR[:WINDOWS]; `0:0` scores OUT as it is. WINDOWS is `all` (default: the plain and chat
 windows, as a compile distils) or `chat` (the chat windows only).
@@ -65,17 +69,30 @@ def parse_settings(text: str) -> list[tuple[str, int, float, str]]:
     return settings
 
 
+def parse_list(choices=None):
+    def parse(text: str) -> list[str]:
+        items = text.split(",")
+        bad = [i for i in items if not i or (choices is not None and i not in choices)]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{bad[0]!r} is not one of {sorted(choices)}" if choices else "empty item")
+        return items
+    return parse
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="a compiled slimc output (OUT)")
     p.add_argument("--settings", required=True, type=parse_settings, help="comma list of EPOCHS:LR[:WINDOWS]")
-    p.add_argument("--ppl", default="brown-heldout")
+    p.add_argument("--ppl", default=["brown-heldout"], type=parse_list(), help="comma list of perplexity texts")
     p.add_argument("--windows", default="512,2048")
     p.add_argument("--max-tokens", type=int, default=32_768)
-    p.add_argument("--chat", choices=sorted(PROMPT_SETS), default="probe")
+    p.add_argument("--chat", default=["probe"], type=parse_list(PROMPT_SETS),
+                   help=f"comma list of prompt sets ({', '.join(sorted(PROMPT_SETS))}), one per --ppl text")
     p.add_argument("--chat-tokens", type=int, default=128)
     p.add_argument("--results", required=True)
     args = p.parse_args()
+    if len(args.ppl) != len(args.chat):
+        p.error("--ppl and --chat pair up: give them the same number of items")
 
     from slimc import chat, data
     from slimc.distill import distill
@@ -88,33 +105,40 @@ def main() -> None:
     dense = load_model(plan["source_model"], dtype="float32")
     dense_key = model_fingerprint(dense.model)
     samples, n_plain = calibration_windows(plan, dense, dense_key)
-    prompts = chat.chat_prompts(PROMPT_SETS[args.chat])
-    reference = chat.reference_answers(dense.model, dense.tokenizer, prompts, args.chat_tokens, dense_key)
+    scorings = []  # (text, prompt set, prompts, the dense answers to them)
+    for text, prompt_set in zip(args.ppl, args.chat):
+        prompts = chat.chat_prompts(PROMPT_SETS[prompt_set])
+        scorings.append((text, prompt_set, prompts,
+                         chat.reference_answers(dense.model, dense.tokenizer, prompts, args.chat_tokens, dense_key)))
     results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     for setting, epochs, lr, which in args.settings:
         train = samples[n_plain:] if which == "chat" else samples
-        key = f"{out.name} {setting}"
-        row: dict = {"out": str(out), "epochs": epochs, "lr": lr, "windows": which, "text": args.ppl,
-                     "prompts": args.chat, "calibration_windows": list(samples.shape),
-                     "distill_windows": list(train.shape)}
         student = load_model(str(out), dtype="float32", allow_slimc=True)
+        distilled = None
         if epochs:
             t = time.perf_counter()
-            row["distill"] = distill(student.model, dense.model, train, epochs, lr, seed=plan["seed"]).__dict__
-            row["distill"]["seconds"] = time.perf_counter() - t
-            print(f"== {key}: {row['distill']}", flush=True)
+            distilled = distill(student.model, dense.model, train, epochs, lr, seed=plan["seed"]).__dict__
+            distilled["seconds"] = time.perf_counter() - t
+            print(f"== {out.name} {setting}: {distilled}", flush=True)
         student.model.eval()
-        for w in (int(x) for x in args.windows.split(",")):
-            windows = data.eval_windows(student.tokenizer, args.ppl, w, args.max_tokens)
-            row[f"ppl_{w}"] = perplexity(student.model, windows)["ppl"]
-        c = chat.chat_fidelity(student.model, student.tokenizer, prompts, reference, args.chat_tokens)
-        row["chat"] = {k: c[k] for k in ("nll", "answered", "agreement")}
-        print(f"== {key}: {json.dumps({k: v for k, v in row.items() if k.startswith('ppl') or k == 'chat'})}", flush=True)
-        results = {**(json.loads(results_path.read_text()) if results_path.exists() else {}), key: row}
-        results_path.write_text(json.dumps(results, indent=2))
+        for text, prompt_set, prompts, reference in scorings:
+            key = f"{out.name} {setting} on {text}/{prompt_set}"
+            row: dict = {"out": str(out), "epochs": epochs, "lr": lr, "windows": which, "text": text,
+                         "prompts": prompt_set, "calibration_windows": list(samples.shape),
+                         "distill_windows": list(train.shape)}
+            if distilled is not None:
+                row["distill"] = distilled
+            for w in (int(x) for x in args.windows.split(",")):
+                windows = data.eval_windows(student.tokenizer, text, w, args.max_tokens)
+                row[f"ppl_{w}"] = perplexity(student.model, windows)["ppl"]
+            c = chat.chat_fidelity(student.model, student.tokenizer, prompts, reference, args.chat_tokens)
+            row["chat"] = {k: c[k] for k in ("nll", "answered", "agreement")}
+            print(f"== {key}: {json.dumps({k: v for k, v in row.items() if k.startswith('ppl') or k == 'chat'})}",
+                  flush=True)
+            results = {**(json.loads(results_path.read_text()) if results_path.exists() else {}), key: row}
+            results_path.write_text(json.dumps(results, indent=2))
         del student
-
 
 if __name__ == "__main__":
     main()

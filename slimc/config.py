@@ -119,9 +119,9 @@ class CompileConfig:
             raise SlimcError(f"--schedule measured splits the budget over heads and FFN channels; --method "
                              f"{self.method} chooses each layer's widths itself (use log, linear or uniform)")
         if self.method in DISP_METHODS:
-            if self.reconstruct or self.refit or self.distill_epochs:
-                raise SlimcError(f"--reconstruct, --refit and --distill-epochs update weights a DISP mask has cut; they are not "
-                                 f"combined with --method {self.method}")
+            if self.reconstruct or self.refit:
+                raise SlimcError(f"--reconstruct and --refit fit each block before its hidden dims are cut; they are not "
+                                 f"combined with --method {self.method} (--distill-epochs is)")
             if self.plan_only:
                 raise SlimcError(f"--plan-only: --method {self.method} chooses each block's widths from its calibration "
                                  "statistics; compile once and reuse OUT/slimc_plan.json with --plan")

@@ -44,6 +44,22 @@ def copy_missing_buffers(model: nn.Module, source: nn.Module, skip_prefix: str |
 
 
 @torch.no_grad()
+def cast_state(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`build_slim_model`'s dtype cast, applied later (a model built in fp32 to be distilled): every floating
+    tensor of the state dict; non-persistent buffers (rotary inv_freq) stay in the source's precision, as there."""
+    persistent = set(model.state_dict())
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    for name, buf in list(model.named_buffers()):
+        if name in persistent and buf.is_floating_point():
+            parent, _, leaf = name.rpartition(".")
+            model.get_submodule(parent).register_buffer(leaf, buf.to(dtype))
+    model.config.dtype = dtype
+    return model
+
+
+@torch.no_grad()
 def build_slim_model(pruned: nn.Module, family: str, plan: PruningPlan, dtype: torch.dtype) -> nn.Module:
     """Instantiate the slimc class on the meta device and move the pruned tensors in (no full-size copy)."""
     model = slim_skeleton(pruned.config, family, plan, dtype)

@@ -698,25 +698,28 @@ def _compile_model(cfg: CompileConfig, keep_model: bool, partial: PartialCompile
         with timer.stage("materialize"):
             for block, s, row in zip(layers, structures, rows):
                 MaterializeDims()(block, s, index_sets=row.pop("index_sets"))
-    distilled = None
-    if cfg.distill_epochs:
-        from .distill import distill
-
-        with timer.stage("distill"):
-            teacher = load_model(cfg.model, dtype="float32").model
-            distilled = distill(model, teacher, samples, cfg.distill_epochs, cfg.distill_lr, seed=cfg.seed).__dict__
-            del teacher
     with timer.stage("materialize"):
-        from .materialize import build_slim_model
+        from .materialize import build_slim_model, cast_state
 
         if stream:  # every tensor is in the shards already; the report's sample reads them back block by block
             stream.close()
             params_after = stream.params()
             slim = stream.load_written()
         else:
-            slim = build_slim_model(model, loaded.family, plan, out_dtype)
+            # distillation trains the slim model (the one a DISP block runs in: it reads and writes its index
+            # sets), in fp32; the output's dtype comes after it
+            slim = build_slim_model(model, loaded.family, plan, torch.float32 if cfg.distill_epochs else out_dtype)
             del model, loaded.model
             params_after = sum(p.numel() for p in slim.parameters())
+    distilled = None
+    if cfg.distill_epochs:
+        from .distill import distill
+
+        with timer.stage("distill"):
+            teacher = load_model(cfg.model, dtype="float32").model
+            distilled = distill(slim, teacher, samples, cfg.distill_epochs, cfg.distill_lr, seed=cfg.seed).__dict__
+            del teacher
+        cast_state(slim, out_dtype).eval()
     with timer.stage("sample"):
         sample = report_mod.greedy_sample(slim, loaded.tokenizer)
         chat_probe = chat.probe(slim, loaded.tokenizer) if chat.has_chat_template(loaded.tokenizer) else None

@@ -239,6 +239,31 @@ def test_disp_compile_reloads_without_slimc_and_tokenizer_does_not_ask(method, t
     assert torch.allclose(logits, expected, atol=1e-5)
 
 
+def test_disp_compile_distils_the_slim_model_and_keeps_its_index_sets(tmp_path):
+    """--distill-epochs on a DISP model trains the narrowed weights in slimc's own layer (the stock one cannot
+    run them), keeps every index set, and casts to the output dtype after."""
+    # larger initial weights than tiny_src's: peaked logits, so pruning costs a KL that distillation can win back
+    src = save_tiny_dir(tmp_path / "src", "qwen2", vocab_size=300, initializer_range=0.3)
+    (tmp_path / "calib.txt").write_text(TEXT)
+    plain = _compile(src, tmp_path / "plain", method="slimgpt+disp", dtype="bfloat16", calib_samples=32)
+    out = tmp_path / "kd"
+    res = _compile(src, out, method="slimgpt+disp", dtype="bfloat16", calib_samples=32, distill_epochs=3, distill_lr=1e-3)
+    report = json.loads((out / "report.json").read_text())
+    assert report["distill"]["steps"] > 0 and report["distill"]["kept"]
+    assert report["distill"]["kl_after"] < report["distill"]["kl_before"]
+    before, after = plain.model.state_dict(), res.model.state_dict()
+    assert before.keys() == after.keys()
+    index_names = [k for k in after if k.endswith("_index")]
+    assert index_names and all(torch.equal(before[k], after[k]) and after[k].dtype == torch.long for k in index_names)
+    moved = [k for k in after if ".layers." in k and after[k].dim() == 2 and not torch.equal(before[k], after[k])]
+    assert moved and all(after[k].dtype == torch.bfloat16 for k in moved)
+    tensors = load_file(str(out / "model.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values() if t.is_floating_point())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    buffers = lambda m: {k: b.dtype for k, b in m.named_buffers()}  # noqa: E731 -- rotary inv_freq as the direct build's
+    assert buffers(res.model) == buffers(plain.model)
+
+
 def test_disp_plan_is_reused_and_refused_on_another_width(tiny_src, tmp_path):
     first = _compile(tiny_src, tmp_path / "a", method="slimgpt+disp")
     again = _compile(tiny_src, tmp_path / "b", plan=str(tmp_path / "a" / "slimc_plan.json"))
@@ -263,7 +288,7 @@ def _cli(args):
     (["--disp-train", "5"], "needs --method disp or slimgpt+disp"),
     (["--method", "disp", "--sparsity", "0.9", "--schedule", "uniform"], "more hidden dims"),
     (["--method", "disp", "--plan-only"], "reuse OUT/slimc_plan.json"),
-    (["--method", "slimgpt+disp", "--distill-epochs", "1"], "not combined"),
+    (["--method", "slimgpt+disp", "--reconstruct"], "not combined"),
 ])
 def test_bad_disp_requests_are_one_line_errors(args, message, tiny_src, tmp_path):
     out = tmp_path / "out"
