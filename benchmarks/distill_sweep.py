@@ -5,8 +5,8 @@ does not depend on the distillation settings. So each setting here starts from t
 fresh, fp32), rebuilds the windows that OUT's plan records (plain text + chat mix, same seed), distils with
 slimc's own `distill()`, and scores perplexity at two windows and the chat metrics — on held-out text and the
 probe prompts when choosing; `--ppl` and `--chat` take comma lists, paired in order, to score the same distilled
-model on the choosing text and the reported one. The pipeline distils before the output's dtype cast, here after it: the starting
-weights differ by that rounding only (fp32 sources such as a GGUF: not at all).
+model on the choosing text and the reported one. The pipeline distils before the output's dtype cast, here after
+it: the starting weights differ by that rounding only (fp32 sources such as a GGUF: not at all).
 
     python benchmarks/distill_sweep.py bench-out/levers-eval/0.3 --settings 1:5e-5,1:2e-4,2:2e-4 \
         --ppl brown-heldout --chat probe --results bench-out/kd/results-heldout.json
@@ -139,6 +139,7 @@ def main() -> None:
             results = {**(json.loads(results_path.read_text()) if results_path.exists() else {}), key: row}
             results_path.write_text(json.dumps(results, indent=2))
         del student
+
 
 if __name__ == "__main__":
     main()
