@@ -15,7 +15,9 @@ it: the starting weights differ by that rounding only (fp32 sources such as a GG
         --ppl brown-heldout,brown --chat probe,eval --results bench-out/kd/results-0.5rec.json
 
 Settings are EPOCHS:LR[:WINDOWS]; `0:0` scores OUT as it is. WINDOWS is `all` (default: the plain and chat
-windows, as a compile distils) or `chat` (the chat windows only).
+windows, as a compile distils) or `chat` (the chat windows only). `--save DIR` (one setting only) keeps the
+distilled model as a full output — OUT's files with its weights replaced — for `slimc eval --tasks` and the like;
+DIR/distilled.json says how it was made (OUT's report and model card describe the model before distillation).
 """
 from __future__ import annotations
 
@@ -79,6 +81,25 @@ def parse_list(choices=None):
     return parse
 
 
+def save(model, out: Path, save_dir: Path, how: dict) -> None:
+    """OUT's files with the distilled weights, cast back to OUT's dtype, written beside and renamed into place."""
+    import shutil
+
+    import torch
+
+    from slimc.checkpoint import INDEX_FILE, SINGLE_FILE, write_state
+    from slimc.materialize import cast_state
+
+    out_dtype = json.loads((out / "config.json").read_text()).get("dtype", "float32")
+    tmp = save_dir.with_name(save_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(out, tmp, ignore=shutil.ignore_patterns(SINGLE_FILE, INDEX_FILE, "model-*.safetensors"))
+    write_state(cast_state(model, getattr(torch, out_dtype)), tmp)
+    (tmp / "distilled.json").write_text(json.dumps(how, indent=2) + "\n")
+    tmp.rename(save_dir)
+    print(f"== saved the distilled model to {save_dir}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="a compiled slimc output (OUT)")
@@ -90,9 +111,12 @@ def main() -> None:
                    help=f"comma list of prompt sets ({', '.join(sorted(PROMPT_SETS))}), one per --ppl text")
     p.add_argument("--chat-tokens", type=int, default=128)
     p.add_argument("--results", required=True)
+    p.add_argument("--save", metavar="DIR", help="write the distilled model here (one setting only)")
     args = p.parse_args()
     if len(args.ppl) != len(args.chat):
         p.error("--ppl and --chat pair up: give them the same number of items")
+    if args.save and (len(args.settings) != 1 or Path(args.save).exists()):
+        p.error("--save takes one setting and a DIR that does not exist yet")
 
     from slimc import chat, data
     from slimc.distill import distill
@@ -138,6 +162,8 @@ def main() -> None:
                   flush=True)
             results = {**(json.loads(results_path.read_text()) if results_path.exists() else {}), key: row}
             results_path.write_text(json.dumps(results, indent=2))
+        if args.save:  # after scoring: the cast to OUT's dtype must not change the figures above
+            save(student.model, out, Path(args.save), {"from": str(out), "setting": setting, "distill": distilled})
         del student
 
 
