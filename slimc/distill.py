@@ -4,7 +4,9 @@ model's next-token distributions on the calibration windows (KL divergence, dens
 Block-wise OBS (and local reconstruction) fit each block to its own dense outputs; what a user sees is the
 whole model's output distribution. Distilling on the calibration windows — the chat-formatted ones carry the
 dense model's own answers — pulls that back towards the dense model. Embeddings, norms and biases stay fixed;
-a slice of the windows is held out, and the result is kept only if the held-out KL went down.
+a slice of the windows is held out and judges every epoch: the model leaves with the weights of the epoch whose
+held-out KL was lowest, or as it came if none went below where it started (a second epoch can fit the training
+windows at the cost of the held-out ones).
 """
 from __future__ import annotations
 
@@ -21,9 +23,11 @@ from .reconstruct import HOLDOUT_EVERY, judge_split  # noqa: F401 (HOLDOUT_EVERY
 @dataclass
 class DistillResult:
     kl_before: float  # mean per-token KL(dense || pruned) on the held-out windows
-    kl_after: float
-    kept: bool
-    steps: int
+    kl_after: float  # of the weights the model leaves with
+    kept: bool  # False: no epoch lowered the held-out KL, the weights are the ones distillation started from
+    best_epoch: int  # 0 when not kept
+    epoch_kls: list[float]  # held-out KL after each epoch
+    steps: int  # trained, whichever epoch was kept
     tokens: int
 
 
@@ -56,14 +60,16 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, epoch
         p.requires_grad_(False)
     for w in weights:
         w.requires_grad_(True)
-    before = _held_out_kl(student, teacher, held, batch_size)
+    best_kl = _held_out_kl(student, teacher, held, batch_size)
+    before, best_epoch, best_weights, epoch_kls = best_kl, 0, saved, []
     opt = torch.optim.Adam(weights, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     steps = 0
     try:
-        for _ in range(epochs):
+        for epoch in range(1, epochs + 1):
             order = torch.randperm(len(train), generator=gen)
-            for s in tqdm(range(0, len(order), batch_size), desc="distill", unit="step", leave=False):
+            for s in tqdm(range(0, len(order), batch_size), desc=f"distill {epoch}/{epochs}", unit="step",
+                          leave=False):
                 ids = train[order[s : s + batch_size]]
                 with torch.no_grad():
                     target = teacher(ids, use_cache=False).logits
@@ -73,12 +79,17 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, epoch
                     loss.backward()
                 opt.step()
                 steps += 1
+            epoch_kls.append(_held_out_kl(student, teacher, held, batch_size))
+            if epoch_kls[-1] < best_kl:
+                best_kl, best_epoch = epoch_kls[-1], epoch
+                if epoch < epochs:  # the last epoch's weights are the model's own: nothing to copy
+                    best_weights = [w.detach().clone() for w in weights]
     finally:
         for p, flag in grads.items():
             p.requires_grad_(flag)
-    after = _held_out_kl(student, teacher, held, batch_size)
-    if not after < before:
+    if best_epoch != epochs:
         with torch.no_grad():
-            for w, s_ in zip(weights, saved):
+            for w, s_ in zip(weights, best_weights):
                 w.copy_(s_)
-    return DistillResult(before, min(before, after), after < before, steps, steps * batch_size * windows.shape[1])
+    return DistillResult(before, best_kl, best_epoch > 0, best_epoch, epoch_kls, steps,
+                         steps * batch_size * windows.shape[1])

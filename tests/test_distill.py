@@ -3,7 +3,7 @@ import copy
 
 import torch
 
-from slimc.distill import HOLDOUT_EVERY, _held_out_kl, distill
+from slimc.distill import HOLDOUT_EVERY, _held_out_kl, distill, judge_split
 
 from conftest import tiny_model
 
@@ -36,6 +36,17 @@ def test_distillation_that_does_not_help_is_undone():
     teacher, student, windows = _damaged()
     state = {k: v.clone() for k, v in student.state_dict().items()}
     r = distill(student, teacher, windows, epochs=2, lr=50.0, batch_size=4)
-    assert not r.kept and r.kl_after == r.kl_before
+    assert not r.kept and r.best_epoch == 0 and r.kl_after == r.kl_before and len(r.epoch_kls) == 2
     for k, v in student.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_distillation_leaves_with_the_epoch_that_judged_best():
+    # at this step size the held-out KL is not monotone over the epochs (checked: epoch 8 of 10 is lowest)
+    teacher, student, windows = _damaged()
+    r = distill(student, teacher, windows, epochs=10, lr=2e-3, batch_size=4)
+    assert len(r.epoch_kls) == 10 and 0 < r.best_epoch < 10
+    assert r.kl_after == min(r.epoch_kls) == r.epoch_kls[r.best_epoch - 1] < r.epoch_kls[-1] < r.kl_before
+    _, held = judge_split(windows)
+    assert _held_out_kl(student, teacher, held, 4) == r.kl_after  # the weights are that epoch's, not the last
+    assert r.steps == 10 * (32 - 32 // HOLDOUT_EVERY) // 4  # the cost is every epoch trained
