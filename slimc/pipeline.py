@@ -724,12 +724,11 @@ def _compile_model(cfg: CompileConfig, keep_model: bool, partial: PartialCompile
         sample = report_mod.greedy_sample(slim, loaded.tokenizer)
         chat_probe = chat.probe(slim, loaded.tokenizer) if chat.has_chat_template(loaded.tokenizer) else None
     timer.seconds["total"] = time.perf_counter() - t_start
-    report = report_mod.build_report(cfg, plan, rows, params_before, params_after, timer.seconds, sample, chat_probe)
+    report = report_mod.build_report(cfg, plan, rows, params_before, params_after, timer.seconds, sample, chat_probe,
+                                     distilled)
     report["streamed"] = streamed
     if resuming:
         report["resumed"] = {"blocks_already_done": len(done_rows)}
-    if distilled:
-        report["distill"] = distilled
     if disp_trained:
         report["disp_train"] = disp_trained
     with _staging_dir(output, cfg.overwrite) as tmp:

@@ -22,8 +22,8 @@ def greedy_sample(model, tokenizer, prompt: str = SAMPLE_PROMPT, new_tokens: int
 
 
 def build_report(cfg, plan: PruningPlan, rows: list[dict], params_before: int, params_after: int,
-                 seconds: dict, sample: str, chat_probe: dict | None = None) -> dict:
-    return {
+                 seconds: dict, sample: str, chat_probe: dict | None = None, distilled: dict | None = None) -> dict:
+    report = {
         "config": cfg.to_dict(),
         "plan": plan.to_dict(),
         "layers": rows,
@@ -34,13 +34,27 @@ def build_report(cfg, plan: PruningPlan, rows: list[dict], params_before: int, p
             "blocks_reduction": plan.achieved_sparsity,
         },
         "seconds": seconds,
-        "levers": levers(cfg.to_dict(), plan.schedule, rows, seconds),
+        "levers": levers(cfg.to_dict(), plan.schedule, rows, seconds, distilled),
         "sample": sample,
         "chat_probe": chat_probe,
     }
+    if distilled:
+        report["distill"] = distilled
+    return report
 
 
-def levers(cfg: dict, schedule: str, rows: list[dict], seconds: dict) -> list[dict]:
+def distill_setting(cfg: dict, distilled: dict | None) -> str:
+    """`--distill-epochs` as it ran: which epoch the held-out windows kept, and the KL it took them to."""
+    setting = f"{cfg['distill_epochs']} epochs, lr {cfg['distill_lr']:g}"
+    if not distilled:
+        return setting
+    if not distilled["kept"]:
+        return f"{setting}; none kept (held-out KL {distilled['kl_before']:.3f} never went down)"
+    return (f"{setting}; kept epoch {distilled['best_epoch']} (held-out KL {distilled['kl_before']:.3f} -> "
+            f"{distilled['kl_after']:.3f})")
+
+
+def levers(cfg: dict, schedule: str, rows: list[dict], seconds: dict, distilled: dict | None = None) -> list[dict]:
     """The quality levers of issue 12, each with whether it ran and the seconds its own stage took (levers that
     only change how OBS proceeds have no stage of their own: their cost is inside `prune`)."""
     fits = [row["reconstruct"] for row in rows if "reconstruct" in row]
@@ -55,8 +69,8 @@ def levers(cfg: dict, schedule: str, rows: list[dict], seconds: dict) -> list[di
                                              f"{cfg.get('reconstruct_weighting', 'energy')}-weighted; kept in "
                                              f"{sum(f['kept'] for f in fits)}/{len(fits)} blocks")
          if cfg.get("reconstruct") else "off", "seconds": seconds.get("reconstruct")},
-        {"lever": "distill", "setting": f"{cfg['distill_epochs']} epochs, lr {cfg['distill_lr']:g}"
-         if cfg.get("distill_epochs") else "off", "seconds": seconds.get("distill")},
+        {"lever": "distill", "setting": distill_setting(cfg, distilled) if cfg.get("distill_epochs") else "off",
+         "seconds": seconds.get("distill")},
     ]
     return out
 

@@ -251,6 +251,9 @@ def test_disp_compile_distils_the_slim_model_and_keeps_its_index_sets(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["distill"]["steps"] > 0 and report["distill"]["kept"]
     assert report["distill"]["kl_after"] < report["distill"]["kl_before"]
+    assert report["distill"]["kl_after"] == min(report["distill"]["epoch_kls"])
+    lever = next(lv for lv in report["levers"] if lv["lever"] == "distill")
+    assert f"kept epoch {report['distill']['best_epoch']} " in lever["setting"]
     before, after = plain.model.state_dict(), res.model.state_dict()
     assert before.keys() == after.keys()
     index_names = [k for k in after if k.endswith("_index")]

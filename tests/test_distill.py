@@ -50,3 +50,13 @@ def test_distillation_leaves_with_the_epoch_that_judged_best():
     _, held = judge_split(windows)
     assert _held_out_kl(student, teacher, held, 4) == r.kl_after  # the weights are that epoch's, not the last
     assert r.steps == 10 * (32 - 32 // HOLDOUT_EVERY) // 4  # the cost is every epoch trained
+
+
+def test_the_report_says_which_epoch_distillation_kept():
+    from slimc.report import distill_setting
+
+    cfg = {"distill_epochs": 2, "distill_lr": 2e-4}
+    kept = {"kept": True, "best_epoch": 1, "kl_before": 0.298, "kl_after": 0.288, "epoch_kls": [0.288, 0.31]}
+    assert distill_setting(cfg, kept) == "2 epochs, lr 0.0002; kept epoch 1 (held-out KL 0.298 -> 0.288)"
+    undone = {**kept, "kept": False, "best_epoch": 0, "kl_after": 0.298, "epoch_kls": [0.30, 0.31]}
+    assert "none kept" in distill_setting(cfg, undone)
