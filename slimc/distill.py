@@ -55,13 +55,14 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, epoch
     # the decoder blocks' linear weights: embeddings (tied to lm_head) and norms stay as they are
     weights = [p for n_, p in student.named_parameters() if ".layers." in n_ and p.dim() == 2]
     grads = {p: p.requires_grad for p in student.parameters()}
-    saved = [w.detach().clone() for w in weights]
+    # the weights to leave with if training ends now: the start, then the best epoch's (one copy at a time)
+    best_weights = [w.detach().clone() for w in weights]
     for p in student.parameters():
         p.requires_grad_(False)
     for w in weights:
         w.requires_grad_(True)
     best_kl = _held_out_kl(student, teacher, held, batch_size)
-    before, best_epoch, best_weights, epoch_kls = best_kl, 0, saved, []
+    before, best_epoch, epoch_kls = best_kl, 0, []
     opt = torch.optim.Adam(weights, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     steps = 0
@@ -82,6 +83,7 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, epoch
             epoch_kls.append(_held_out_kl(student, teacher, held, batch_size))
             if epoch_kls[-1] < best_kl:
                 best_kl, best_epoch = epoch_kls[-1], epoch
+                best_weights = None  # freed before the copy below: never two copies at once
                 if epoch < epochs:  # the last epoch's weights are the model's own: nothing to copy
                     best_weights = [w.detach().clone() for w in weights]
     finally:
