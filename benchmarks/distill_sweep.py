@@ -85,16 +85,15 @@ def save(model, out: Path, save_dir: Path, how: dict) -> None:
     """OUT's files with the distilled weights, cast back to OUT's dtype, written beside and renamed into place."""
     import shutil
 
-    import torch
-
     from slimc.checkpoint import INDEX_FILE, SINGLE_FILE, write_state
+    from slimc.load import read_source_config
     from slimc.materialize import cast_state
 
-    out_dtype = json.loads((out / "config.json").read_text()).get("dtype", "float32")
+    out_dtype = read_source_config(str(out), allow_slimc=True).dtype  # as loading OUT reads it (torch_dtype too)
     tmp = save_dir.with_name(save_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(out, tmp, ignore=shutil.ignore_patterns(SINGLE_FILE, INDEX_FILE, "model-*.safetensors"))
-    write_state(cast_state(model, getattr(torch, out_dtype)), tmp)
+    write_state(cast_state(model, out_dtype), tmp)
     (tmp / "distilled.json").write_text(json.dumps(how, indent=2) + "\n")
     tmp.rename(save_dir)
     print(f"== saved the distilled model to {save_dir}", flush=True)
