@@ -15,7 +15,9 @@ it: the starting weights differ by that rounding only (fp32 sources such as a GG
         --ppl brown-heldout,brown --chat probe,eval --results bench-out/kd/results-0.5rec.json
 
 Settings are EPOCHS:LR[:WINDOWS]; `0:0` scores OUT as it is. WINDOWS is `all` (default: the plain and chat
-windows, as a compile distils) or `chat` (the chat windows only). `--save DIR` (one setting only) keeps the
+windows, as a compile distils), `chat` (the chat windows only) or `all+selfN` (all, plus every window of a larger
+self-generated chat set: the dense model's answers to the built-in instructions and to N instructions about
+passages of the calibration text, where a compile uses 48). `--save DIR` (one setting only) keeps the
 distilled model as a full output — OUT's files with its weights replaced — for `slimc eval --tasks` and the like;
 DIR/distilled.json says how it was made (OUT's report and model card describe the model before distillation).
 """
@@ -53,6 +55,25 @@ def calibration_windows(plan: dict, dense, dense_key: str):
     return samples, samples.shape[0]
 
 
+def extra_self_instructions(which: str) -> int | None:
+    """N of WINDOWS `all+selfN` (N >= 1), else None."""
+    head, _, n = which.partition("+self")
+    return int(n) if head == "all" and n.isdigit() and int(n) > 0 else None
+
+
+def extra_self_windows(plan: dict, dense, dense_key: str, n_derived: int):
+    """Windows of a larger self-generated chat set than a compile makes: the built-in calibration instructions
+    plus `n_derived` instructions about passages of the calibration text, answered by the dense model (cached
+    like the compile's own set), packed as the compile packs its chat windows, all of them."""
+    from slimc import chat, data
+
+    calib = plan["calibration"]
+    text = data.load_text(calib["source"], "calibration")
+    own = chat.self_generated_conversations(dense.model, dense.tokenizer, text, plan["seed"], dense_key,
+                                            n_derived=n_derived)
+    return chat.pack_windows(dense.tokenizer, own, calib["seq_len"], len(own))
+
+
 def parse_settings(text: str) -> list[tuple[str, int, float, str]]:
     """`EPOCHS:LR[:WINDOWS],…` -> (setting, epochs, lr, windows) each, checked before minutes of loading."""
     settings = []
@@ -65,8 +86,8 @@ def parse_settings(text: str) -> list[tuple[str, int, float, str]]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"{setting!r} is not EPOCHS:LR[:WINDOWS]") from None
         which = parts[2] if len(parts) == 3 else "all"
-        if which not in ("all", "chat"):
-            raise argparse.ArgumentTypeError(f"{setting!r}: WINDOWS is all or chat")
+        if which not in ("all", "chat") and extra_self_instructions(which) is None:
+            raise argparse.ArgumentTypeError(f"{setting!r}: WINDOWS is all, chat or all+selfN")
         settings.append((setting, epochs, lr, which))
     return settings
 
@@ -137,6 +158,10 @@ def main() -> None:
     results_path.parent.mkdir(parents=True, exist_ok=True)
     for setting, epochs, lr, which in args.settings:
         train = samples[n_plain:] if which == "chat" else samples
+        if extra_self_instructions(which):
+            import torch
+
+            train = torch.cat([samples, extra_self_windows(plan, dense, dense_key, extra_self_instructions(which))])
         student = load_model(str(out), dtype="float32", allow_slimc=True)
         distilled = None
         if epochs:

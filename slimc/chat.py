@@ -249,13 +249,14 @@ def _key(*parts) -> str:
 
 
 def self_generated_conversations(model, tokenizer, text: str | None, seed: int, model_key: str,
-                                 cache: Path | None = None, materialize=None) -> list[Conversation]:
-    """The dense model's own conversations: built-in calibration instructions plus SELF_GEN_DERIVED instructions
+                                 cache: Path | None = None, materialize=None,
+                                 n_derived: int = SELF_GEN_DERIVED) -> list[Conversation]:
+    """The dense model's own conversations: built-in calibration instructions plus `n_derived` instructions
     about passages of `text`, answered greedily, in a seeded order. Cached per model, instruction set and seed.
     `materialize`: a context manager that holds the model's weights while it generates (a streamed compile)."""
     from .assets import cache_dir
 
-    prompts = builtin_prompts("calibration") + (derived_instructions(text, SELF_GEN_DERIVED, seed) if text else [])
+    prompts = builtin_prompts("calibration") + (derived_instructions(text, n_derived, seed) if text else [])
     random.Random(f"self-{seed}").shuffle(prompts)
     path = (cache or cache_dir() / "chat-calib") / f"{_key(SELF_GEN_VERSION, model_key, prompts, SELF_GEN_TOKENS)}.json"
     def make():
