@@ -76,6 +76,10 @@ def test_self_generated_set_deterministic_cached_and_rendered(tok, tmp_path, mon
     # a different model never reads another model's answers
     chat.self_generated_conversations(model, tok, TEXT, seed=0, model_key="other", cache=tmp_path)
     assert len(calls) == 3
+    # another number of derived instructions is another set, cached apart
+    fewer = chat.self_generated_conversations(model, tok, TEXT, seed=0, model_key="m", cache=tmp_path, n_derived=1)
+    assert calls[-1] == len(chat.builtin_prompts("calibration")) + 1 and len(calls) == 4
+    assert len(fewer) <= calls[-1] and fewer != first
 
 
 def test_calibration_windows_mix(tok, monkeypatch, tmp_path):
