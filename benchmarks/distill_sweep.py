@@ -15,11 +15,13 @@ it: the starting weights differ by that rounding only (fp32 sources such as a GG
         --ppl brown-heldout,brown --chat probe,eval --results bench-out/kd/results-0.5rec.json
 
 Settings are EPOCHS:LR[:WINDOWS]; `0:0` scores OUT as it is. WINDOWS is `all` (default: the plain and chat
-windows, as a compile distils), `chat` (the chat windows only) or `all+selfN` (all, plus every window of a larger
+windows, as a compile distils), `chat` (the chat windows only), `all+selfN` (all, plus every window of a larger
 self-generated chat set: the dense model's answers to the built-in instructions and to N instructions about
-passages of the calibration text, where a compile uses 48). `--save DIR` (one setting only) keeps the
-distilled model as a full output — OUT's files with its weights replaced — for `slimc eval --tasks` and the like;
-DIR/distilled.json says how it was made (OUT's report and model card describe the model before distillation).
+passages of the calibration text, where a compile uses 48) or `all+trainN` (all, plus N windows of fresh text
+from the calibration source's train split: Brown's 368 files in no other split). `--save DIR` (one setting only)
+keeps the distilled model as a full output — OUT's files with its weights replaced — for `slimc eval --tasks` and
+the like; DIR/distilled.json says how it was made (OUT's report and model card describe the model before
+distillation).
 """
 from __future__ import annotations
 
@@ -74,6 +76,21 @@ def extra_self_windows(plan: dict, dense, dense_key: str, n_derived: int):
     return chat.pack_windows(dense.tokenizer, own, calib["seq_len"], len(own))
 
 
+def extra_train_windows(which: str) -> int | None:
+    """N of WINDOWS `all+trainN` (N >= 1), else None."""
+    head, _, n = which.partition("+train")
+    return int(n) if head == "all" and n.isdigit() and int(n) > 0 else None
+
+
+def train_windows(plan: dict, dense, n: int):
+    """`n` windows of fresh text for distillation: the calibration source's train split (Brown: the 368 files in
+    none of calibration, evaluation and held-out), seeded, in text order."""
+    from slimc import data
+
+    calib = plan["calibration"]
+    return data.calibration_samples(dense.tokenizer, calib["source"], n, calib["seq_len"], plan["seed"], split="train")
+
+
 def parse_settings(text: str) -> list[tuple[str, int, float, str]]:
     """`EPOCHS:LR[:WINDOWS],…` -> (setting, epochs, lr, windows) each, checked before minutes of loading."""
     settings = []
@@ -86,8 +103,8 @@ def parse_settings(text: str) -> list[tuple[str, int, float, str]]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"{setting!r} is not EPOCHS:LR[:WINDOWS]") from None
         which = parts[2] if len(parts) == 3 else "all"
-        if which not in ("all", "chat") and extra_self_instructions(which) is None:
-            raise argparse.ArgumentTypeError(f"{setting!r}: WINDOWS is all, chat or all+selfN")
+        if which not in ("all", "chat") and extra_self_instructions(which) is None and extra_train_windows(which) is None:
+            raise argparse.ArgumentTypeError(f"{setting!r}: WINDOWS is all, chat, all+selfN or all+trainN")
         settings.append((setting, epochs, lr, which))
     return settings
 
@@ -162,6 +179,10 @@ def main() -> None:
             import torch
 
             train = torch.cat([samples, extra_self_windows(plan, dense, dense_key, extra_self_instructions(which))])
+        if extra_train_windows(which):
+            import torch
+
+            train = torch.cat([samples, train_windows(plan, dense, extra_train_windows(which))])
         student = load_model(str(out), dtype="float32", allow_slimc=True)
         distilled = None
         if epochs:

@@ -3,7 +3,8 @@
 `brown` is the offline default: the Brown corpus split by file into calibration and evaluation parts that
 never overlap (the reference split of docs/assets.md, so benchmarks compare with the reference figures).
 `brown-heldout` is a third part, files 04-06 of every category but m (whose 04-06 are evaluation files), in
-neither: defaults are chosen on it.
+neither: defaults are chosen on it. The rest of Brown (368 of its 500 files, ≈ 1M tokens) is its `train` split:
+text for distillation, which wants far more tokens than calibration and must not see the other three parts.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from .errors import SlimcError
 
 SOURCES = ("brown", "brown-heldout", "wikitext2", "c4")
-SPLITS = ("calibration", "evaluation")
+SPLITS = ("calibration", "evaluation", "train")
 HELDOUT = "heldout"  # Brown files 04-06: for choosing defaults, never reported as the result
 BROWN_CATEGORIES = "abcdefghjklmnpr"  # 15 categories; the corpus has no i, o, q
 # evaluation = the last three files of each category, as in the reference split
@@ -35,14 +36,18 @@ _C4_DOCS = 20_000
 
 def brown_files(split: str) -> list[str]:
     """File names of a Brown split: calibration = first 3 files per category, evaluation = last 3,
-    heldout = files 04-06 where those are in neither (all categories but m)."""
+    heldout = files 04-06 where those are in neither (all categories but m), train = every other file."""
     if split not in (*SPLITS, HELDOUT):
         raise ValueError(f"unknown split {split!r}")
     # category m has six files only: its 04-06 are evaluation files, so the held-out part has no m
     numbers = {"calibration": {c: (1, 2, 3) for c in BROWN_CATEGORIES},
                HELDOUT: {c: (4, 5, 6) for c in BROWN_CATEGORIES if BROWN_EVAL[c] != (4, 5, 6)},
-               "evaluation": BROWN_EVAL}[split]
-    return [f"c{c}{i:02d}" for c in BROWN_CATEGORIES if c in numbers for i in numbers[c]]
+               "evaluation": BROWN_EVAL}
+    if split == "train":  # a category's evaluation files are its last three, so its last number is its count
+        taken = {c: {i for part in numbers.values() for i in part.get(c, ())} for c in BROWN_CATEGORIES}
+        return [f"c{c}{i:02d}" for c in BROWN_CATEGORIES for i in range(1, BROWN_EVAL[c][-1] + 1)
+                if i not in taken[c]]
+    return [f"c{c}{i:02d}" for c in BROWN_CATEGORIES if c in numbers[split] for i in numbers[split][c]]
 
 
 def prepare_brown_file(raw: str) -> str:
@@ -88,14 +93,16 @@ def brown_text(split: str) -> str:
 
 
 def load_text(source: str, split: str) -> str:
-    """Text of `source` ("brown", "wikitext2", "c4" or a PATH) for `split` ("calibration" or "evaluation").
+    """Text of `source` ("brown", "wikitext2", "c4" or a PATH) for `split` ("calibration", "evaluation" or
+    "train": text to distil on).
 
-    `brown-heldout` gives Brown files 04-06 for both splits. A PATH (a .txt file, or a directory whose .txt
-    files, found recursively, are read in sorted order) gives the same text for both splits: keep calibration
-    and evaluation files apart yourself."""
+    `brown-heldout` gives Brown files 04-06 for every split. Only Brown has a train split of its own; the others
+    give their calibration text for it. A PATH (a .txt file, or a directory whose .txt files, found
+    recursively, are read in sorted order) gives the same text for every split: keep calibration and
+    evaluation files apart yourself."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}")
-    calib = split == "calibration"
+    calib = split != "evaluation"
     if source == "brown":
         return brown_text(split)
     if source == "brown-heldout":
@@ -139,9 +146,9 @@ def _token_ids(tokenizer, source: str, split: str) -> torch.Tensor:
 
 
 def calibration_samples(tokenizer, source: str, n_samples: int, seq_len: int, seed: int,
-                        strict: bool = True) -> torch.Tensor:
-    """[n_samples, seq_len] LongTensor: distinct non-overlapping windows of the calibration text, chosen at
-    random (seeded) and returned in text order. A .jsonl file of conversations is rendered with the model's
+                        strict: bool = True, split: str = "calibration") -> torch.Tensor:
+    """[n_samples, seq_len] LongTensor: distinct non-overlapping windows of the calibration text (or of the
+    `train` split: text to distil on), chosen at random (seeded) and returned in text order. A .jsonl file of conversations is rendered with the model's
     chat template instead, in a seeded order, each window starting at a conversation. A text too short for
     n_samples windows is refused when `strict` (the user chose the size), else all its windows are used and
     one line says so."""
@@ -151,7 +158,7 @@ def calibration_samples(tokenizer, source: str, n_samples: int, seq_len: int, se
 
     if is_conversation_file(source):
         return _conversation_samples(tokenizer, source, n_samples, seq_len, seed, strict)
-    ids = _token_ids(tokenizer, source, "calibration")
+    ids = _token_ids(tokenizer, source, split)
     n_windows = ids.numel() // seq_len
     if 0 < n_windows < n_samples and not strict:
         _say_fewer(source, n_windows, n_samples, seq_len, f"{ids.numel():,} tokens")

@@ -45,6 +45,15 @@ def test_brown_split_matches_reference():
     assert ev == [f"c{r[0]}{int(r[1:]) + k:02d}" for r in ranges for k in range(3)]
 
 
+def test_brown_train_split_is_every_other_file():
+    train = data.brown_files("train")
+    others = set(data.brown_files("calibration")) | set(data.brown_files("evaluation")) | set(data.brown_files("heldout"))
+    assert len(train) == len(set(train)) == 500 - len(others) == 368 and not set(train) & others
+    # every category's files run 01..last without a gap; the corpus has 500 files
+    assert "ca07" in train and "ca41" in train and "ca42" not in train and not any(f.startswith("cm") for f in train)
+    assert "cr01" not in train and "cg72" in train
+
+
 def _text_file(tmp_path, text):
     f = tmp_path / "t.txt"
     f.write_text(text)

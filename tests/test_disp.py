@@ -196,7 +196,9 @@ def test_checkpoint_of_the_previous_format_loads_with_identical_logits():
     loaded = load_model(str(FIXTURES / "legacy_slimc_qwen2"), allow_slimc=True)
     with torch.no_grad():
         logits = loaded.model(ref["input_ids"]).logits
-    assert torch.equal(logits, ref["logits"])
+    # the same weights through the same layers; transformers releases move the family modules' float32
+    # rounding (5.25 by 1.8e-7 on these logits of ~0.1), so equal within rounding, not bit for bit
+    torch.testing.assert_close(logits, ref["logits"], rtol=0, atol=1e-5)
     assert all(not layout.is_disp for layout in layer_layouts(loaded.model.config))
 
 
