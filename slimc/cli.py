@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="after pruning, passes of distillation from the dense model on the calibration windows")
     c.add_argument("--distill-lr", type=float, default=2e-4,
                    help="Adam's step size (2e-4 chosen on held-out Brown at 30 %%, BENCHMARKS.md §8)")
+    c.add_argument("--distill-windows", type=int, default=0, metavar="N",
+                   help="distil on N more --seq-len windows of fresh text besides the calibration windows: Brown's "
+                        "train split (its files in no other split) for --calib brown, else the --calib text")
     c.add_argument("--disp-train", type=int, default=0, metavar="STEPS",
                    help="DISP methods: learn the hidden-dim masks with the paper's hypernetwork for STEPS steps, "
                         "warm-started from the training-free selection (model weights frozen)")

@@ -62,6 +62,9 @@ class CompileConfig:
     refit: bool = False  # closed-form refit of each pruned block's kept weights to the dense block (GPTAQ-style)
     distill_epochs: int = 0  # 0: off; else passes of whole-model distillation from the dense model after pruning
     distill_lr: float = 2e-4  # beat 5e-5 on held-out Brown and the probe prompts (BENCHMARKS.md §8)
+    # more windows of fresh text to distil on besides the calibration windows: calibration holds too little text
+    # for a second epoch, which only fits it (BENCHMARKS.md §8); Brown's train split for brown, else the --calib text
+    distill_windows: int = 0
     disp_train: int = 0  # DISP: steps of hypernetwork mask training on top of the training-free selection (0: off)
     disp_lr: float = 1e-3  # the paper's AdamW learning rate
     disp_lambda: float = 2.0  # weight of the |log(kept / target)| parameter-budget term
@@ -111,8 +114,10 @@ class CompileConfig:
             one_of("dtype", self.dtype, DTYPE_NAMES)
         if not 0 < self.sparsity <= 0.9:
             raise SlimcError(f"--sparsity must be in (0, 0.9], got {self.sparsity}")
-        if self.distill_epochs < 0 or not self.distill_lr > 0:
-            raise SlimcError("--distill-epochs must be >= 0 and --distill-lr positive")
+        if self.distill_epochs < 0 or not self.distill_lr > 0 or self.distill_windows < 0:
+            raise SlimcError("--distill-epochs and --distill-windows must be >= 0 and --distill-lr positive")
+        if self.distill_windows and not self.distill_epochs:
+            raise SlimcError("--distill-windows adds text to distil on: give --distill-epochs too")
         if self.disp_train < 0 or not self.disp_lr > 0 or not self.disp_lambda > 0 or self.disp_seq_len < 2:
             raise SlimcError("--disp-train must be >= 0; --disp-lr and --disp-lambda positive; --disp-seq-len >= 2")
         if self.schedule == "measured" and (self.method in DISP_METHODS or self.method == "flap"):

@@ -65,7 +65,7 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, epoch
     before, best_epoch, epoch_kls = best_kl, 0, []
     opt = torch.optim.Adam(weights, lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    steps = 0
+    steps = tokens = 0
     try:
         for epoch in range(1, epochs + 1):
             order = torch.randperm(len(train), generator=gen)
@@ -80,6 +80,7 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, epoch
                     loss.backward()
                 opt.step()
                 steps += 1
+                tokens += ids.numel()
             epoch_kls.append(_held_out_kl(student, teacher, held, batch_size))
             if epoch_kls[-1] < best_kl:
                 best_kl, best_epoch = epoch_kls[-1], epoch
@@ -93,5 +94,4 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, epoch
         with torch.no_grad():
             for w, s_ in zip(weights, best_weights):
                 w.copy_(s_)
-    return DistillResult(before, best_kl, best_epoch > 0, best_epoch, epoch_kls, steps,
-                         steps * batch_size * windows.shape[1])
+    return DistillResult(before, best_kl, best_epoch > 0, best_epoch, epoch_kls, steps, tokens)

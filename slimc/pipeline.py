@@ -459,6 +459,19 @@ def _staging_dir(output: Path, overwrite: bool):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _distillation_windows(cfg: CompileConfig, tokenizer, samples: torch.Tensor) -> torch.Tensor:
+    """The calibration windows (plain and chat), then `--distill-windows` windows of fresh text of the same length
+    from the calibration source's train split (Brown: the files in no other split; other sources: their
+    calibration text), seeded; fewer when the text holds fewer, said in one line."""
+    if not cfg.distill_windows:
+        return samples
+    from . import data
+
+    fresh = data.calibration_samples(tokenizer, cfg.calib, cfg.distill_windows, samples.shape[1], cfg.seed,
+                                     strict=False, split="train")
+    return torch.cat([samples, fresh])
+
+
 def _chat_generation(cfg: CompileConfig, loaded: LoadedModel, stream) -> tuple[str, object]:
     """--chat-data, and how the dense model is held while it answers the self-generated instructions (which
     any kind may need: with no text to frame, every chat window is self-generated). A streamed compile reads
@@ -717,7 +730,8 @@ def _compile_model(cfg: CompileConfig, keep_model: bool, partial: PartialCompile
 
         with timer.stage("distill"):
             teacher = load_model(cfg.model, dtype="float32").model
-            distilled = distill(slim, teacher, samples, cfg.distill_epochs, cfg.distill_lr, seed=cfg.seed).__dict__
+            distilled = distill(slim, teacher, _distillation_windows(cfg, loaded.tokenizer, samples),
+                                cfg.distill_epochs, cfg.distill_lr, seed=cfg.seed).__dict__
             del teacher
         cast_state(slim, out_dtype).eval()
     with timer.stage("sample"):

@@ -46,6 +46,8 @@ def build_report(cfg, plan: PruningPlan, rows: list[dict], params_before: int, p
 def distill_setting(cfg: dict, distilled: dict | None) -> str:
     """`--distill-epochs` as it ran: which epoch the held-out windows kept, and the KL it took them to."""
     setting = f"{cfg['distill_epochs']} epochs, lr {cfg['distill_lr']:g}"
+    if cfg.get("distill_windows"):
+        setting += f", calibration + {cfg['distill_windows']} windows of fresh text"
     if not distilled:
         return setting
     if not distilled["kept"]:

@@ -39,6 +39,8 @@ def test_explicit_align_ffn_wins_over_the_target_default():
     ({"reconstruct_lr": 0}, "--reconstruct-lr"),
     ({"distill_epochs": -1}, "--distill-epochs"),
     ({"distill_lr": -1e-5}, "--distill-lr"),
+    ({"distill_windows": -1}, "--distill-windows"),
+    ({"distill_windows": 64}, "give --distill-epochs too"),
 ])
 def test_bad_options_are_refused(kwargs, message):
     with pytest.raises(SlimcError, match=message):

@@ -45,6 +45,24 @@ def test_brown_split_matches_reference():
     assert ev == [f"c{r[0]}{int(r[1:]) + k:02d}" for r in ranges for k in range(3)]
 
 
+def test_distillation_windows_are_fresh_brown_text_from_no_other_split():
+    from slimc.config import CompileConfig
+    from slimc.pipeline import _distillation_windows
+
+    tok = CharTokenizer()  # one id per character: a window's text can be looked up in the text it came from
+    calib = data.calibration_samples(tok, "brown", 4, 64, seed=0)
+    cfg = CompileConfig("m", "o", calib="brown", distill_epochs=1, distill_windows=6)
+    windows = _distillation_windows(cfg, tok, calib)
+    assert windows.shape == (10, 64) and torch.equal(windows[:4], calib)
+    as_bytes = lambda split: bytes(tok(data.brown_text(split), add_special_tokens=False)["input_ids"])  # noqa: E731
+    train = as_bytes("train")
+    assert all(bytes(w.tolist()) in train for w in windows[4:])
+    for split in ("calibration", "evaluation", "heldout"):
+        other = as_bytes(split)
+        assert not any(bytes(w.tolist()) in other for w in windows[4:]), split
+    assert _distillation_windows(CompileConfig("m", "o", distill_epochs=1), tok, calib) is calib
+
+
 def test_brown_train_split_is_every_other_file():
     train = data.brown_files("train")
     others = set(data.brown_files("calibration")) | set(data.brown_files("evaluation")) | set(data.brown_files("heldout"))

@@ -60,3 +60,24 @@ def test_the_report_says_which_epoch_distillation_kept():
     assert distill_setting(cfg, kept) == "2 epochs, lr 0.0002; kept epoch 1 (held-out KL 0.298 -> 0.288)"
     undone = {**kept, "kept": False, "best_epoch": 0, "kl_after": 0.298, "epoch_kls": [0.30, 0.31]}
     assert "none kept" in distill_setting(cfg, undone)
+
+
+def test_compile_distils_on_the_fresh_windows_too(tmp_path):
+    """--distill-windows N: the compile distils on its calibration windows plus N more (a PATH's own text here),
+    and the report says so."""
+    import json
+
+    import slimc
+    from conftest import save_tiny_dir
+
+    src = save_tiny_dir(tmp_path / "src", "qwen2", vocab_size=300)
+    (tmp_path / "calib.txt").write_text(" ".join(f"word{i % 97} of line {i}." for i in range(3000)))
+    opts = dict(calib=str(tmp_path / "calib.txt"), calib_samples=8, seq_len=32, sparsity=0.4, distill_epochs=1)
+    reports = {}
+    for n in (0, 8):
+        slimc.compile(str(src), str(tmp_path / f"out{n}"), distill_windows=n, **opts)
+        reports[n] = json.loads((tmp_path / f"out{n}" / "report.json").read_text())
+    # 8 calibration windows, every 8th held out to judge: 7 trained on; with 8 more, 14 of 16
+    assert reports[0]["distill"]["tokens"] == 7 * 32 and reports[8]["distill"]["tokens"] == 14 * 32
+    lever = next(lv for lv in reports[8]["levers"] if lv["lever"] == "distill")
+    assert "calibration + 8 windows of fresh text" in lever["setting"]
