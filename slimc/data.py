@@ -3,8 +3,8 @@
 `brown` is the offline default: the Brown corpus split by file into calibration and evaluation parts that
 never overlap (the reference split of docs/assets.md, so benchmarks compare with the reference figures).
 `brown-heldout` is a third part, files 04-06 of every category but m (whose 04-06 are evaluation files), in
-neither: defaults are chosen on it. The rest of Brown (368 of its 500 files, ≈ 1M tokens) is its `train` split:
-text for distillation, which wants far more tokens than calibration and must not see the other three parts.
+neither: defaults are chosen on it. The rest of Brown (368 of its 500 files, 960k SmolLM2 tokens) is its `train`
+split: text for distillation, which wants far more tokens than calibration and must not see the other three parts.
 """
 from __future__ import annotations
 
