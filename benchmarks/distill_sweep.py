@@ -84,11 +84,13 @@ def extra_train_windows(which: str) -> int | None:
 
 def train_windows(plan: dict, dense, n: int):
     """`n` windows of fresh text for distillation: the calibration source's train split (Brown: the 368 files in
-    none of calibration, evaluation and held-out), seeded, in text order."""
+    none of calibration, evaluation and held-out), seeded, in text order — fewer if it holds fewer, as a compile's
+    `--distill-windows` takes them."""
     from slimc import data
 
     calib = plan["calibration"]
-    return data.calibration_samples(dense.tokenizer, calib["source"], n, calib["seq_len"], plan["seed"], split="train")
+    return data.calibration_samples(dense.tokenizer, calib["source"], n, calib["seq_len"], plan["seed"],
+                                    strict=False, split="train")
 
 
 def parse_settings(text: str) -> list[tuple[str, int, float, str]]:

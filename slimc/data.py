@@ -148,10 +148,10 @@ def _token_ids(tokenizer, source: str, split: str) -> torch.Tensor:
 def calibration_samples(tokenizer, source: str, n_samples: int, seq_len: int, seed: int,
                         strict: bool = True, split: str = "calibration") -> torch.Tensor:
     """[n_samples, seq_len] LongTensor: distinct non-overlapping windows of the calibration text (or of the
-    `train` split: text to distil on), chosen at random (seeded) and returned in text order. A .jsonl file of conversations is rendered with the model's
-    chat template instead, in a seeded order, each window starting at a conversation. A text too short for
-    n_samples windows is refused when `strict` (the user chose the size), else all its windows are used and
-    one line says so."""
+    `train` split: text to distil on), chosen at random (seeded) and returned in text order. A .jsonl file of
+    conversations is rendered with the model's chat template instead, in a seeded order, each window starting at
+    a conversation. A text too short for n_samples windows is refused when `strict` (the user chose the size),
+    else all its windows are used and one line says so."""
     if n_samples < 1 or seq_len < 1:
         raise SlimcError(f"calibration needs at least 1 sample of at least 1 token (got {n_samples} x {seq_len})")
     from .chat import is_conversation_file
@@ -161,7 +161,7 @@ def calibration_samples(tokenizer, source: str, n_samples: int, seq_len: int, se
     ids = _token_ids(tokenizer, source, split)
     n_windows = ids.numel() // seq_len
     if 0 < n_windows < n_samples and not strict:
-        _say_fewer(source, n_windows, n_samples, seq_len, f"{ids.numel():,} tokens")
+        _say_fewer(source, n_windows, n_samples, seq_len, f"{ids.numel():,} tokens", split)
         n_samples = n_windows
     if n_windows < n_samples:
         raise SlimcError(
@@ -173,7 +173,11 @@ def calibration_samples(tokenizer, source: str, n_samples: int, seq_len: int, se
     return windows[pick.sort().values]
 
 
-def _say_fewer(source: str, have: int, asked: int, seq_len: int, what: str) -> None:
+def _say_fewer(source: str, have: int, asked: int, seq_len: int, what: str, split: str = "calibration") -> None:
+    if split == "train":  # --distill-windows asked for more fresh text than there is
+        print(f"slimc: distillation text {source!r} ({what}) holds {have} windows of {seq_len} tokens, fewer than "
+              f"--distill-windows {asked}: distilling on {have} more", file=sys.stderr)
+        return
     print(f"slimc: calibration text {source!r} ({what}) holds {have} windows of {seq_len} tokens, fewer than the "
           f"default {asked}: calibrating on {have} (set --calib-samples / --seq-len to choose)", file=sys.stderr)
 

@@ -63,6 +63,18 @@ def test_distillation_windows_are_fresh_brown_text_from_no_other_split():
     assert _distillation_windows(CompileConfig("m", "o", distill_epochs=1), tok, calib) is calib
 
 
+def test_distillation_windows_from_a_short_text_are_fewer_and_say_so(tmp_path, capsys):
+    from slimc.config import CompileConfig
+    from slimc.pipeline import _distillation_windows
+
+    tok = CharTokenizer()
+    path = _text_file(tmp_path, "x" * 200)  # a PATH gives its own text for the train split: 3 windows of 64
+    calib = data.calibration_samples(tok, path, 2, 64, seed=0)
+    windows = _distillation_windows(CompileConfig("m", "o", calib=path, distill_epochs=1, distill_windows=10), tok, calib)
+    assert windows.shape == (5, 64)
+    assert "fewer than --distill-windows 10: distilling on 3 more" in capsys.readouterr().err
+
+
 def test_brown_train_split_is_every_other_file():
     train = data.brown_files("train")
     others = set(data.brown_files("calibration")) | set(data.brown_files("evaluation")) | set(data.brown_files("heldout"))
