@@ -41,7 +41,8 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Ten
 @torch.no_grad()
 def _held_out_kl(student, teacher, windows: torch.Tensor, batch_size: int) -> float:
     total = 0.0
-    for s in range(0, len(windows), batch_size):
+    # a pass of two models over every held-out window: minutes on CPU once fresh windows join them
+    for s in tqdm(range(0, len(windows), batch_size), desc="distill: held-out KL", unit="batch", leave=False):
         ids = windows[s : s + batch_size]
         total += float(_kl(student(ids, use_cache=False).logits, teacher(ids, use_cache=False).logits)) * len(ids)
     return total / max(len(windows), 1)
