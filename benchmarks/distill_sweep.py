@@ -89,8 +89,7 @@ def train_windows(plan: dict, dense, n: int):
     from slimc import data
 
     calib = plan["calibration"]
-    return data.calibration_samples(dense.tokenizer, calib["source"], n, calib["seq_len"], plan["seed"],
-                                    strict=False, split="train")
+    return data.distillation_windows(dense.tokenizer, calib["source"], n, calib["seq_len"], plan["seed"])
 
 
 def parse_settings(text: str) -> list[tuple[str, int, float, str]]:

@@ -173,6 +173,13 @@ def calibration_samples(tokenizer, source: str, n_samples: int, seq_len: int, se
     return windows[pick.sort().values]
 
 
+def distillation_windows(tokenizer, source: str, n_windows: int, seq_len: int, seed: int) -> torch.Tensor:
+    """`--distill-windows`: n windows of fresh text from `source`'s train split (Brown: its files in no other
+    split; other sources: their calibration text), seeded; fewer when it holds fewer, said in one line. The one
+    reading of that text, for the compile and for benchmarks/distill_sweep.py alike."""
+    return calibration_samples(tokenizer, source, n_windows, seq_len, seed, strict=False, split="train")
+
+
 def _say_fewer(source: str, have: int, asked: int, seq_len: int, what: str, split: str = "calibration") -> None:
     if split == "train":  # --distill-windows asked for more fresh text than there is
         print(f"slimc: distillation text {source!r} ({what}) holds {have} windows of {seq_len} tokens, fewer than "

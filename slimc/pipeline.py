@@ -461,15 +461,13 @@ def _staging_dir(output: Path, overwrite: bool):
 
 def _distillation_windows(cfg: CompileConfig, tokenizer, samples: torch.Tensor) -> torch.Tensor:
     """The calibration windows (plain and chat), then `--distill-windows` windows of fresh text of the same length
-    from the calibration source's train split (Brown: the files in no other split; other sources: their
-    calibration text), seeded; fewer when the text holds fewer, said in one line."""
+    (`data.distillation_windows`)."""
     if not cfg.distill_windows:
         return samples
     from . import data
 
-    fresh = data.calibration_samples(tokenizer, cfg.calib, cfg.distill_windows, samples.shape[1], cfg.seed,
-                                     strict=False, split="train")
-    return torch.cat([samples, fresh])
+    return torch.cat([samples, data.distillation_windows(tokenizer, cfg.calib, cfg.distill_windows, samples.shape[1],
+                                                         cfg.seed)])
 
 
 def _chat_generation(cfg: CompileConfig, loaded: LoadedModel, stream) -> tuple[str, object]:
