@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimc.compat import with_cache
 from slimc.errors import SlimcError
 from slimc.layout import global_head_dim, layer_layouts
 
@@ -49,7 +50,7 @@ class _DecoderWithCache(nn.Module):
         for i in range(self.n_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+                         **with_cache(self.model, cache))
         present = []
         for i in range(self.n_layers):
             present += [cache.layers[i].keys, cache.layers[i].values]
@@ -86,7 +87,7 @@ def export_onnx(model: nn.Module, out_dir: Path) -> dict:
                          f"(pip install 'slimc[onnx]'): {e}") from e
     config = model.config
     n = config.num_hidden_layers
-    wrapper = _DecoderWithCache(model.float().eval())
+    wrapper = _DecoderWithCache(model.float().eval()).eval()  # a fresh Module starts in training mode
     names_in, names_out = io_names(n)
     batch, seq, past, total = (torch.export.Dim(name) for name in ("batch", "sequence", "past", "total"))
     dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .compat import with_cache
 from .errors import SlimcError
 from .exporters.onnx import IO_FILE, ONNX_DIR, export_onnx
 from .load import model_fingerprint
@@ -68,11 +69,11 @@ class _TorchRunner:
 
         def run():
             cache = DynamicCache()
-            out = self.model(ids, past_key_values=cache, use_cache=True)
+            out = self.model(ids, **with_cache(self.model, cache))
             tok = out.logits[:, -1:].argmax(-1)
             t0 = time.perf_counter()
             for _ in range(steps):
-                out = self.model(tok, past_key_values=cache, use_cache=True)
+                out = self.model(tok, **with_cache(self.model, cache))
                 tok = out.logits[:, -1:].argmax(-1)
             return time.perf_counter() - t0
         return run

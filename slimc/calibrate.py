@@ -12,6 +12,7 @@ from torch import nn
 
 from . import activations
 from .activations import SpillDir
+from .compat import CACHE_KWARGS
 
 
 class _Caught(Exception):
@@ -48,7 +49,7 @@ def catch_block_inputs(model: nn.Module, samples: torch.Tensor, device: torch.de
     def hook(module, args, kwargs):
         seen["hidden"] = args[0] if args else kwargs["hidden_states"]
         seen["kwargs"] = {k: v for k, v in kwargs.items()
-                          if k not in ("hidden_states", "past_key_values", "past_key_value", "use_cache")}
+                          if k not in ("hidden_states", *CACHE_KWARGS, "use_cache")}
         raise _Caught
 
     handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)

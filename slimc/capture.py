@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import fx, nn
 
+from .compat import CACHE_KWARGS
 from .errors import SlimcError
 
 _ACTIVATIONS = {"silu", "gelu", "relu", "gelu_tanh", "tanh", "sigmoid"}
@@ -58,7 +59,7 @@ class UnsupportedBlockError(SlimcError):
 
 def export_block(block: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
     """torch.export the block on one real input (non-strict: transformers code is plain Python)."""
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache", "past_key_value")}
+    kwargs = {k: v for k, v in kwargs.items() if k not in (*CACHE_KWARGS, "use_cache")}
     try:
         with torch.no_grad():
             return torch.export.export(block, args, kwargs, strict=False)

@@ -95,12 +95,13 @@ class SlimcDecoderLayer(nn.Module):
         # scatter_add, not index_add: it exports to ONNX ScatterElements(reduction="add")
         return residual.scatter_add(-1, index.expand(*y.shape[:-1], -1), y)
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
-                position_embeddings=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
+        # the KV cache stays in kwargs under the name the model gave it: transformers calls it `past_key_values`
+        # up to 5.2x and `cache` after (the old name is removed in 5.40), and hands it on to the family's
+        # attention of the same release
         residual = hidden_states
         x = self.read(self.input_layernorm(hidden_states), self.attn_in_index)
         x, _ = self.self_attn(hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,
-                              past_key_values=past_key_values, use_cache=use_cache,
                               position_embeddings=position_embeddings, **kwargs)
         hidden_states = self.write(residual, x, self.attn_out_index)
 

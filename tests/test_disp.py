@@ -174,6 +174,29 @@ def test_materialized_disp_model_equals_the_masked_dense_model(family):
     assert layer.attn_in_index.dtype == torch.long and len(layer.mlp_out_index) == 59
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_slim_layers_decode_on_a_kv_cache_without_deprecated_keywords(family):
+    """Token-by-token decoding on the cache equals the full forward, and slimc passes transformers the cache
+    keyword the installed release takes (5.25 warns about `past_key_values`, 5.40 drops it: a cache slimc
+    passed under the old name would then be silently ignored)."""
+    import warnings
+
+    from transformers import DynamicCache
+
+    from slimc.compat import with_cache
+
+    _, full_logits, slim = _masked_and_materialized(family)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    cache = DynamicCache()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        full = slim(ids).logits
+        steps = [slim(ids[:, :5], **with_cache(slim, cache)).logits]
+        steps += [slim(ids[:, t : t + 1], **with_cache(slim, cache)).logits for t in range(5, 9)]
+    assert cache.get_seq_length() == 9
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+
+
 def test_layer_without_index_sets_is_the_family_layer():
     """slimc's decoder layer with no index sets computes what the stock layer computes, weight for weight."""
     from slimc.modeling_slimc import CLASSES
