@@ -1,8 +1,8 @@
 """What differs between the transformers releases slimc supports (5.17 onwards), in one place.
 
 The KV cache keyword: transformers named it `past_key_values` in every model, layer and attention forward up
-to 5.2x, then `cache` (the old name warns, and goes in 5.40). slimc passes whichever the installed release's
-signature has, and filters both out where it replays a decoder block without a cache.
+to 5.19 at least, then `cache` (5.25: the old name warns, and goes in 5.40). slimc passes whichever the
+installed release's signature has, and filters both out where it replays a decoder block without a cache.
 """
 import inspect
 
