@@ -97,7 +97,7 @@ class SlimcDecoderLayer(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
         # the KV cache stays in kwargs under the name the model gave it: transformers calls it `past_key_values`
-        # up to 5.2x and `cache` after (the old name is removed in 5.40), and hands it on to the family's
+        # up to 5.19 at least and `cache` by 5.25 (the old name goes in 5.40), and hands it on to the family's
         # attention of the same release
         residual = hidden_states
         x = self.read(self.input_layernorm(hidden_states), self.attn_in_index)
