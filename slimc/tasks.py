@@ -12,6 +12,8 @@ identical questions.
 """
 from __future__ import annotations
 
+import functools
+
 import logging
 import math
 import tempfile
@@ -64,12 +66,17 @@ def parse_task_list(text: str) -> list[str]:
         raise SlimcError(f"--tasks wants a comma-separated list of distinct task names, got {text!r}")
     unknown = [n for n in names if n not in TASKS]
     if unknown:
-        known_to_lm_eval = set(_task_manager(None).all_tasks)
-        missing = [n for n in unknown if n not in known_to_lm_eval]
+        missing = [n for n in unknown if n not in _lm_eval_task_names()]
         if missing:
             raise SlimcError(f"unknown task {missing[0]!r}: offline tasks are {', '.join(TASKS)} (or 'all' for "
                              f"the seven of the papers' tables); with a model hub, any lm-eval task name")
     return names
+
+
+@functools.lru_cache(maxsize=1)
+def _lm_eval_task_names() -> frozenset[str]:
+    """Every task name lm-eval knows; indexing its YAMLs takes ~10 s, so once per process."""
+    return frozenset(_task_manager(None).all_tasks)
 
 
 def _task_manager(include_path, include_defaults: bool = True):
