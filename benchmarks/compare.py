@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from slimc import skill
+
 HERE = Path(__file__).resolve().parent
 METHODS = ("slimgpt", "slimgpt+disp", "magnitude", "wanda-sp", "flap")
 TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -120,50 +122,31 @@ def measure_speed(results: dict, out: Path, args, save) -> None:
         save()
 
 
-def skilled_tasks(dense: dict) -> list[str]:
-    """Tasks where the dense model is above chance by more than two standard errors: elsewhere a ratio of
-    distances to chance is noise divided by noise."""
-    return [t for t in TASKS if t in dense["tasks"]
-            and dense["tasks"][t]["acc"] - CHANCE[t] > 2 * dense["tasks"][t]["acc_stderr"]]
-
-
-def retained_above_chance(row: dict, dense: dict) -> float:
-    """Mean over the skilled tasks of (acc - chance) / (dense acc - chance): the dense model's skill kept."""
-    ratios = [(row["tasks"][t]["acc"] - CHANCE[t]) / (dense["tasks"][t]["acc"] - CHANCE[t])
-              for t in skilled_tasks(dense)]
-    return sum(ratios) / len(ratios) if ratios else float("nan")
-
-
-def retained_above_chance_stderr(row: dict, dense: dict) -> float:
-    """Standard error of retained_above_chance by the delta method, the two models' task errors taken as
-    independent. Both score the same documents, so their errors are positively correlated and this overstates
-    the true error: a conservative bar."""
-    tasks = skilled_tasks(dense)
-    var = 0.0
-    for t in tasks:
-        gap = dense["tasks"][t]["acc"] - CHANCE[t]
-        ratio = (row["tasks"][t]["acc"] - CHANCE[t]) / gap
-        var += (row["tasks"][t]["acc_stderr"] ** 2 + ratio**2 * dense["tasks"][t]["acc_stderr"] ** 2) / gap**2
-    return var**0.5 / len(tasks) if tasks else float("nan")
-
-
-def kept_table(paths: list[str]) -> str:
+def kept_table(paths: list[str], convention: str = "acc") -> str:
     """Accuracy rows of `slimc eval --tasks --json` outputs against the dense column the first one carries
-    (`--against`): per-task accuracy, the average and the dense skill kept above chance, each with its error."""
+    (`--against`): per-task accuracy (the convention's metric), the average and the dense skill kept above
+    chance (`slimc.skill`), each with its error -- paired where both runs logged every document's outcome."""
     runs = {Path(p).stem: json.loads(Path(p).read_text()) for p in paths}
     dense = next(iter(runs.values())).get("against")
     if not dense or "tasks" not in dense:
         raise SystemExit(f"{paths[0]}: no dense column (run slimc eval with --against)")
-    tasks = [t for t in TASKS if t in dense["tasks"]]
-    header = "| model | " + " | ".join(tasks) + " | average | kept above chance |"
+    tasks = [t for t in dense["tasks"] if all(t in r["tasks"] for r in runs.values())]
+    metric = {t: skill.metric_of(t, convention) for t in tasks}
+    header = "| model | " + " | ".join(f"{t} ({metric[t]})" for t in tasks) + " | kept above chance |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    skilled: tuple[str, ...] = ()
     for name, row in [(f"dense ({dense['model']})", dense), *runs.items()]:
-        accs = " | ".join(f"{row['tasks'][t]['acc']:.3f} ± {row['tasks'][t]['acc_stderr']:.3f}" for t in tasks)
-        kept = ("–" if row is dense else
-                f"{retained_above_chance(row, dense):.1%} ± {retained_above_chance_stderr(row, dense):.1%}")
-        lines.append(f"| {name} | {accs} | {row['average']:.4f} ± {row['average_stderr']:.4f} | {kept} |")
+        accs = " | ".join(f"{row['tasks'][t][metric[t]]:.3f} ± {row['tasks'][t][metric[t] + '_stderr']:.3f}"
+                          for t in tasks)
+        if row is dense:
+            kept = "–"
+        else:
+            k = skill.kept_above_chance(row, dense, convention)
+            skilled = k.tasks
+            kept = f"{k.value:.1%} ± {k.stderr:.1%}" + (" (paired)" if k.paired else "")
+        lines.append(f"| {name} | {accs} | {kept} |")
     n = ", ".join(f"{t} {dense['tasks'][t]['n']}" for t in tasks)
-    lines += ["", f"n per task: {n}; kept above chance over {', '.join(skilled_tasks(dense))} (dense > chance + 2 SE)."]
+    lines += ["", f"n per task: {n}; kept above chance over {', '.join(skilled)} (dense > chance + 2 SE)."]
     return "\n".join(lines)
 
 
@@ -198,13 +181,13 @@ def report(args) -> None:
             lines.append(f"| {name} | – | failed: {row['error'].splitlines()[-1][:80]} |" + " |" * (len(TASKS) + 3))
             continue
         accs = " | ".join(f"{row['tasks'][t]['acc']:.3f}" for t in TASKS)
-        kept = "–" if name == "dense" else f"{retained_above_chance(row, dense):.0%}"
+        kept = "–" if name == "dense" else f"{skill.kept_above_chance(row, dense).value:.0%}"
         lines.append(f"| {name} | {row['fraction_removed']:.1%} | {row['ppl']:.2f} | {accs} | "
                      f"{row['average']:.3f} ± {row['average_stderr']:.3f} | {kept} | {onnx_speedup(row)} |")
     lines.append("")
     lines.append("n per task: " + ", ".join(f"{t} {n[t]}" for t in TASKS) + f" (seeded subset, --limit {dense['limit']}); "
                  f"PPL over {dense['tokens']:,} tokens in {dense['windows']} windows of {dense['seq_len']}; "
-                 f"kept above chance over {', '.join(skilled_tasks(dense))} (dense > chance + 2 SE).")
+                 f"kept above chance over {', '.join(skill.skilled_tasks(dense))} (dense > chance + 2 SE).")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     figure(results, HERE / "figures" / "compare_smollm2.png")
@@ -258,9 +241,11 @@ def main() -> None:
     p.add_argument("--kept", nargs="+", metavar="EVAL_JSON",
                    help="only print the accuracy table of these `slimc eval --tasks --json` files, the dense column "
                         "from the first one's --against, kept above chance with its standard error")
+    p.add_argument("--convention", choices=sorted(skill.CONVENTIONS), default="acc",
+                   help="--kept: acc on every task, or papers (acc_norm on hellaswag, arc_challenge, openbookqa)")
     args = p.parse_args()
     if args.kept:
-        print(kept_table(args.kept))
+        print(kept_table(args.kept, args.convention))
     else:
         report(args) if args.report else run(args)
 

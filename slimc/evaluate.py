@@ -2,11 +2,14 @@
 first token (the protocol of the reference figures in the docs)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from . import skill
 
 
 @torch.no_grad()
@@ -96,6 +99,8 @@ def run_eval(model: str, ppl: str | None = None, seq_len: int = 2048, max_tokens
         if against:
             result.setdefault("against", {"model": against}).update(
                 tasks_mod.run_tasks(dense.model, dense.tokenizer, task_names, limit, task_batch_size, device))
+            result["kept_above_chance"] = {
+                c: dataclasses.asdict(skill.kept_above_chance(result, result["against"], c)) for c in skill.CONVENTIONS}
     return result
 
 
@@ -125,4 +130,6 @@ def format_eval(r: dict) -> str:
         from .tasks import format_tasks
 
         lines += format_tasks(r, dense if "tasks" in dense else None)
+        for k in r.get("kept_above_chance", {}).values():
+            lines.append("  " + skill.format_kept(skill.Kept(**{**k, "tasks": tuple(k["tasks"])})))
     return "\n".join(lines)

@@ -170,7 +170,7 @@ def run_tasks(model, tokenizer, names: list[str], limit: int | None = None, batc
     with prepared_tasks(names, limit) as (manager, tasks, samples, sizes):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
         out = simple_evaluate(model=lm, tasks=list(tasks.values()), samples=samples, task_manager=manager,
-                              log_samples=False, bootstrap_iters=100, verbosity="ERROR")
+                              log_samples=True, bootstrap_iters=100, verbosity="ERROR")
     results = {}
     for n in names:
         r = out["results"][n]
@@ -180,6 +180,7 @@ def run_tasks(model, tokenizer, names: list[str], limit: int | None = None, batc
                "n": len(samples[n]), "of": sizes[n], "metric": metric}
         if "acc_norm,none" in r:
             row.update(acc_norm=float(r["acc_norm,none"]), acc_norm_stderr=_stderr(r.get("acc_norm_stderr,none")))
+        row["per_doc"] = per_document_outcomes(out["samples"][n])
         if n in TASKS:
             row.update(chance=TASKS[n].chance, split=TASKS[n].split_note or "validation")
             if n == "lambada":
@@ -190,6 +191,18 @@ def run_tasks(model, tokenizer, names: list[str], limit: int | None = None, batc
     return {"tasks": results, "average": sum(accs) / len(accs),
             "average_stderr": math.sqrt(sum(s * s for s in ses)) / len(ses) if all(s == s for s in ses) else math.nan,
             "limit": limit, "subset_seed": SUBSET_SEED if limit is not None else None}
+
+
+def per_document_outcomes(samples: list[dict]) -> dict[str, str]:
+    """Each scored document's 0/1 outcome per accuracy metric, in document order, one character a document
+    ("0110…"): two models scored on the same documents can then be compared paired (`skill.py`)."""
+    samples = sorted((s for s in samples if s.get("filter", "none") == "none"), key=lambda s: s["doc_id"])
+    out = {}
+    for metric in ("acc", "acc_norm"):
+        values = [s.get(metric) for s in samples]
+        if values and all(v in (0, 1) for v in values):  # bools and 0.0 / 1.0 floats alike
+            out[metric] = "".join("1" if v else "0" for v in values)
+    return out
 
 
 def _stderr(value) -> float:

@@ -128,8 +128,12 @@ def test_eval_cli_tasks_json(tmp_path, capsys):
     assert set(r["tasks"]) == {"piqa", "winogrande"}
     for row in r["tasks"].values():
         assert row["n"] == 4 and 0 <= row["acc"] <= 1 and row["acc_stderr"] >= 0
+        # each document's outcome is logged, and they average to the reported accuracy
+        assert len(row["per_doc"]["acc"]) == 4 and row["per_doc"]["acc"].count("1") / 4 == pytest.approx(row["acc"])
     assert r["average"] == pytest.approx((r["tasks"]["piqa"]["acc"] + r["tasks"]["winogrande"]["acc"]) / 2)
-    assert "piqa" in capsys.readouterr().out
+    assert set(r["kept_above_chance"]) == {"acc", "papers"}
+    out = capsys.readouterr().out
+    assert "piqa" in out and "dense skill kept above chance (acc" in out
 
 
 def test_missing_task_data_says_how_to_fetch_it(tmp_path, monkeypatch):
