@@ -11,8 +11,9 @@ it, the two errors are taken as independent, which overstates the error of a rat
 accuracies (a conservative bar).
 
 Two metric conventions: `acc` for every task (lm-eval's first metric, slimc's tables), and `papers` -- length-
-normalized accuracy (`acc_norm`) for HellaSwag, ARC-Challenge and OpenBookQA, plain `acc` elsewhere, as the
-zero-shot tables of LLM-Pruner, and the SlimGPT and FLAP papers after it, report them.
+normalized accuracy (`acc_norm`) for HellaSwag, ARC-Challenge and OpenBookQA, plain `acc` elsewhere, as
+LLM-Pruner's zero-shot table reports them (the table SlimGPT's compares with; its figures are reproduced that
+way in LLM-Pruner's issue #25).
 """
 from __future__ import annotations
 
