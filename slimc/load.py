@@ -45,7 +45,35 @@ def resolve_spec(spec: str) -> tuple[str, dict]:
     if p.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise SlimcError(f"model not found: {spec} (give a local HF directory, a .gguf file, a hub id, or "
                          f"one of: {', '.join(BUILTIN_MODELS)})")
+    _offline_unless_hub_reachable()
     return spec, {}  # a hub id
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub's endpoint opens within `timeout` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _offline_unless_hub_reachable() -> None:
+    """A hub id on a machine with no route to the hub: huggingface_hub would retry each request for ~30 s and log
+    every attempt before failing. One short connect decides instead; unreachable -> hub offline mode for this
+    process, so a model already in the local hub cache still loads and any other fails at once, in one line.
+    Behind a proxy the direct connect says nothing, so the hub client is left to decide."""
+    from huggingface_hub import constants
+
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if not constants.HF_HUB_OFFLINE and not proxied and not hub_reachable():
+        constants.HF_HUB_OFFLINE = True  # read on every request (huggingface_hub.is_offline_mode)
 
 
 def _require(module: str, why: str) -> None:
@@ -80,7 +108,10 @@ def read_source_config(spec: str, allow_slimc: bool = False) -> SourceConfig:
     try:
         config = AutoConfig.from_pretrained(path, **extra)
     except Exception as e:
-        where = "" if local else " (hub ids need network access to the Hugging Face hub)"
+        from huggingface_hub import constants
+
+        where = ("" if local else " (offline: the Hugging Face hub is unreachable or HF_HUB_OFFLINE is "
+                 "set, and the model is not in the local hub cache)" if constants.HF_HUB_OFFLINE else " (hub ids need network access to the Hugging Face hub)")
         raise SlimcError(f"cannot load model config from {spec}{where}: {str(e).splitlines()[0]}") from e
     # a slimc checkpoint: config.json names its base family's model_type (legacy ones "slimc_<family>")
     is_slimc = bool(getattr(config, "slimc_base_model_type", None)) or config.model_type.startswith("slimc_")

@@ -185,3 +185,44 @@ def test_installed_package_declares_vllm_plugin_entry_point():
     assert eps.get("slimc") == "slimc.vllm_plugin:register"
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
     assert scripts.get("slimc") == "slimc.cli:main"
+
+
+def test_hub_id_without_a_route_to_the_hub_loads_from_the_cache_or_fails_at_once(tmp_path, monkeypatch):
+    """No connection to the hub: a hub id in the local hub cache still loads, any other fails in one line
+    without huggingface_hub's ~30 s of retries."""
+    import time
+
+    from huggingface_hub import constants
+
+    import slimc.load as load
+
+    # a hub snapshot as huggingface_hub lays it out: models--org--name/{refs/main, snapshots/<rev>/...}
+    repo = tmp_path / "hub" / "models--some-org--tiny-llama"
+    save_tiny_dir(repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # restored after the test: the check sets it
+    for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(load, "hub_reachable", lambda timeout=3.0: False)
+
+    src = load.read_source_config("some-org/tiny-llama")
+    saved = json.loads((repo / "snapshots" / "0123abcd" / "config.json").read_text())
+    assert constants.HF_HUB_OFFLINE and src.family == "llama"
+    assert src.config.num_hidden_layers == saved["num_hidden_layers"]
+    start = time.monotonic()
+    with pytest.raises(SlimcError, match="offline: the Hugging Face hub is unreachable .* not in the local hub cache"):
+        load.read_source_config("some-org/not-cached")
+    assert time.monotonic() - start < 10  # no retries with backoff
+
+
+def test_reachable_hub_is_left_online(monkeypatch):
+    from huggingface_hub import constants
+
+    import slimc.load as load
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(load, "hub_reachable", lambda timeout=3.0: True)
+    assert load.resolve_spec("some-org/any-model") == ("some-org/any-model", {})
+    assert not constants.HF_HUB_OFFLINE
