@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -183,7 +184,7 @@ def report(args) -> None:
         accs = " | ".join(f"{row['tasks'][t]['acc']:.3f}" for t in TASKS)
         kept = "–" if name == "dense" else f"{skill.kept_above_chance(row, dense).value:.0%}"
         lines.append(f"| {name} | {row['fraction_removed']:.1%} | {row['ppl']:.2f} | {accs} | "
-                     f"{row['average']:.3f} ± {row['average_stderr']:.3f} | {kept} | {onnx_speedup(row)} |")
+                     f"{row['average']:.3f} ± {row['average_stderr'] or math.nan:.3f} | {kept} | {onnx_speedup(row)} |")
     lines.append("")
     lines.append("n per task: " + ", ".join(f"{t} {n[t]}" for t in TASKS) + f" (seeded subset, --limit {dense['limit']}); "
                  f"PPL over {dense['tokens']:,} tokens in {dense['windows']} windows of {dense['seq_len']}; "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from .config import METHODS
@@ -160,8 +161,7 @@ def _eval(args) -> None:
                  tasks=args.tasks, limit=args.limit, task_batch_size=16 if args.batch_size is None else args.batch_size)
     print(format_eval(r))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2)
+        _write_json(r, args.json)
 
 
 def _bench(args) -> None:
@@ -177,8 +177,23 @@ def _bench(args) -> None:
                   args.decode_steps, args.reps, args.threads)
     print(format_bench(r))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2)
+        _write_json(r, args.json)
+
+
+def _write_json(result: dict, path: str) -> None:
+    """Strict JSON, which every reader parses (not only Python's): a number that is not finite (a kept share
+    with no skilled task, an error lm-eval could not give) is written as null."""
+    def finite(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [finite(v) for v in x]
+        return x
+
+    with open(path, "w") as f:
+        json.dump(finite(result), f, indent=2, allow_nan=False)
 
 
 def _assets(args) -> None:

@@ -41,7 +41,7 @@ class Kept:
 
 def _score(row: dict, task: str, metric: str) -> tuple[float, float] | None:
     r = row["tasks"].get(task, {})
-    if metric not in r or f"{metric}_stderr" not in r:
+    if r.get(metric) is None or r.get(f"{metric}_stderr") is None:  # absent, or null in a JSON (no error given)
         return None
     return r[metric], r[f"{metric}_stderr"]
 

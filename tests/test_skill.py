@@ -101,3 +101,11 @@ def test_per_document_outcomes_from_lm_eval_samples():
                {"doc_id": 0, "filter": "none", "acc": 0.0, "acc_norm": 1.0, "perplexity": 1.5},
                {"doc_id": 1, "filter": "none", "acc": True, "acc_norm": True, "perplexity": 9.0}]
     assert per_document_outcomes(samples) == {"acc": "011", "acc_norm": "110"}
+
+
+def test_a_task_whose_error_is_null_in_the_json_is_not_counted():
+    dense = {"tasks": {"piqa": {"acc": 0.7, "acc_stderr": None, "chance": 0.5},
+                       "arc_easy": {"acc": 0.5, "acc_stderr": 0.02, "chance": 0.25}}}
+    row = {"tasks": {"piqa": {"acc": 0.6, "acc_stderr": 0.02}, "arc_easy": {"acc": 0.45, "acc_stderr": 0.02}}}
+    assert skill.skilled_tasks(dense) == ["arc_easy"]
+    assert skill.kept_above_chance(row, dense).value == pytest.approx(0.8)

@@ -122,7 +122,10 @@ def test_eval_cli_tasks_json(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["eval", str(d), "--tasks", "piqa,winogrande", "--limit", "4", "--json", str(out),
                  "--against", str(d)]) == 0
-    r = json.loads(out.read_text())
+    def no_nan(token):
+        raise AssertionError(f"not strict JSON: {token}")
+
+    r = json.loads(out.read_text(), parse_constant=no_nan)  # strict JSON: a NaN would be written as null
     assert r["against"]["tasks"] == r["tasks"]  # the same model beside itself: the dense column, same documents
     assert "ppl" not in r  # --tasks alone scores tasks only
     assert set(r["tasks"]) == {"piqa", "winogrande"}
@@ -132,6 +135,8 @@ def test_eval_cli_tasks_json(tmp_path, capsys):
         assert len(row["per_doc"]["acc"]) == 4 and row["per_doc"]["acc"].count("1") / 4 == pytest.approx(row["acc"])
     assert r["average"] == pytest.approx((r["tasks"]["piqa"]["acc"] + r["tasks"]["winogrande"]["acc"]) / 2)
     assert set(r["kept_above_chance"]) == {"acc", "papers"}
+    for k in r["kept_above_chance"].values():  # a random tiny model beats chance nowhere: no share to give
+        assert k["tasks"] == [] and k["value"] is None
     out = capsys.readouterr().out
     assert "piqa" in out and "dense skill kept above chance (acc" in out
 
