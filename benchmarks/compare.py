@@ -135,7 +135,6 @@ def kept_table(paths: list[str], convention: str = "acc") -> str:
     metric = {t: skill.metric_of(t, convention) for t in tasks}
     header = "| model | " + " | ".join(f"{t} ({metric[t]})" for t in tasks) + " | kept above chance |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    skilled: tuple[str, ...] = ()
     for name, row in [(f"dense ({dense['model']})", dense), *runs.items()]:
         accs = " | ".join(f"{row['tasks'][t][metric[t]]:.3f} ± {row['tasks'][t][metric[t] + '_stderr']:.3f}"
                           for t in tasks)
@@ -143,11 +142,11 @@ def kept_table(paths: list[str], convention: str = "acc") -> str:
             kept = "–"
         else:
             k = skill.kept_above_chance(row, dense, convention)
-            skilled = k.tasks
             kept = f"{k.value:.1%} ± {k.stderr:.1%}" + (" (paired)" if k.paired else "")
         lines.append(f"| {name} | {accs} | {kept} |")
     n = ", ".join(f"{t} {dense['tasks'][t]['n']}" for t in tasks)
-    lines += ["", f"n per task: {n}; kept above chance over {', '.join(skilled)} (dense > chance + 2 SE)."]
+    skilled = ", ".join(skill.skilled_tasks(dense, convention))
+    lines += ["", f"n per task: {n}; kept above chance over {skilled} (dense > chance + 2 SE)."]
     return "\n".join(lines)
 
 

@@ -131,5 +131,5 @@ def format_eval(r: dict) -> str:
 
         lines += format_tasks(r, dense if "tasks" in dense else None)
         for k in r.get("kept_above_chance", {}).values():
-            lines.append("  " + skill.format_kept(skill.Kept(**{**k, "tasks": tuple(k["tasks"])})))
+            lines.append("  " + skill.format_kept(skill.Kept(**k)))
     return "\n".join(lines)

@@ -110,8 +110,13 @@ def read_source_config(spec: str, allow_slimc: bool = False) -> SourceConfig:
     except Exception as e:
         from huggingface_hub import constants
 
-        where = ("" if local else " (offline: the Hugging Face hub is unreachable or HF_HUB_OFFLINE is "
-                 "set, and the model is not in the local hub cache)" if constants.HF_HUB_OFFLINE else " (hub ids need network access to the Hugging Face hub)")
+        if local:
+            where = ""
+        elif constants.HF_HUB_OFFLINE:
+            where = (" (offline: the Hugging Face hub is unreachable or HF_HUB_OFFLINE is set, and the model is not "
+                     "in the local hub cache)")
+        else:
+            where = " (hub ids need network access to the Hugging Face hub)"
         raise SlimcError(f"cannot load model config from {spec}{where}: {str(e).splitlines()[0]}") from e
     # a slimc checkpoint: config.json names its base family's model_type (legacy ones "slimc_<family>")
     is_slimc = bool(getattr(config, "slimc_base_model_type", None)) or config.model_type.startswith("slimc_")

@@ -13,7 +13,6 @@ identical questions.
 from __future__ import annotations
 
 import functools
-
 import logging
 import math
 import tempfile
