@@ -49,17 +49,9 @@ class PruneReadDims(BlockPass):
         if n_remove == 0:
             return DimPruneResult(torch.arange(W.shape[1]), dict(zip(paths, (w.clone() for w in weights))))
         if kept is not None:
-            removed = torch.ones(W.shape[1], dtype=torch.bool)
-            removed[kept] = False
-            cols = removed.nonzero().squeeze(1)
-            Hinv = obs.inverse_hessian(hessian, self.percdamp)
-            error = float(obs.group_errors(W, Hinv, cols[None])[0])
-            new, _ = obs.obs_remove(W, Hinv, cols)
-            new = new.to(W.dtype)
-            new[:, cols] = 0
-            return DimPruneResult(kept.sort().values, dict(zip(paths, new.split([w.shape[0] for w in weights]))),
-                                  error=error)
-        r = obs.prune_columns_dynamic(W, hessian, n_remove, self.max_group, self.min_group, percdamp=self.percdamp)
+            r = obs.remove_columns(W, hessian, kept, self.percdamp)
+        else:
+            r = obs.prune_columns_dynamic(W, hessian, n_remove, self.max_group, self.min_group, percdamp=self.percdamp)
         parts = r.weight.split([w.shape[0] for w in weights])
         return DimPruneResult(r.kept, dict(zip(paths, parts)), error=r.error)
 

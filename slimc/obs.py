@@ -244,6 +244,23 @@ def greedy_column_curve(W: torch.Tensor, H: torch.Tensor, n_remove: int, step: i
     return torch.tensor(curve, dtype=torch.float64)
 
 
+def remove_columns(W: torch.Tensor, H: torch.Tensor, kept: torch.Tensor, percdamp: float = 0.01,
+                   compensate: bool = True) -> PruneResult:
+    """Remove every column of W not in `kept` (a selection made elsewhere -- learned masks), jointly, with the
+    least-squares compensation of the kept columns under H; the error is the joint block-OBS error."""
+    removed = torch.ones(W.shape[1], dtype=torch.bool)
+    removed[kept] = False
+    cols = removed.nonzero().squeeze(1)
+    kept = kept.sort().values
+    if len(cols) == 0:
+        return PruneResult(kept, W.clone(), [], 0.0)
+    Hinv = inverse_hessian(H, percdamp)
+    Wd = without_dead_columns(W, H)
+    error = float(group_errors(Wd, Hinv, cols[None])[0])
+    updated, _ = obs_remove(Wd, Hinv, cols)
+    return PruneResult(kept, _finish(W, updated, cols, compensate), cols.tolist(), error)
+
+
 def _finish(W: torch.Tensor, W_updated: torch.Tensor, removed_cols: torch.Tensor, compensate: bool) -> torch.Tensor:
     """The output weight in W's dtype: the OBS-updated one, or (ablation) the original with columns zeroed."""
     out = W_updated.to(W.dtype) if compensate else W.clone()

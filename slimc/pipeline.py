@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .passes import (MaterializeChannels, MaterializeDims, MaterializeHeads, PruneChannels, PruneHeads, PruneReadDims,
                      PruneWriteDims, apply_dims)
-from .passes.materialize import _head_rows
+from .passes.materialize import _head_rows, _set, set_widths_from_weights
 from .passes.prune_heads import head_widths
 
 from . import __version__
@@ -287,21 +287,29 @@ def _prune_block_disp(block, s: BlockStructure, shape: BlockShape, target: Layer
         apply_dims(block, writes)
         kept["attn_in"], kept["attn_out"] = reads.kept, writes.kept
     # pass 2, the pruned attention in place: the MLP's reader Hessian, and down_proj's Hessian only if channels go
+    # (or may go: --disp-train learns slimgpt+disp's channels too)
     prune_channels = counts.inter != m.intermediate_size
-    with timer.stage("calibrate"), collect_hessians(block, [m.gate] + ([m.down] if prune_channels else []),
-                                                    output_energies=() if prune_channels else (m.down,)) as acc:
+    learn_channels = bool(cfg.disp_train) and with_heads
+    need_H_down = prune_channels or learn_channels
+    with timer.stage("calibrate"), collect_hessians(block, [m.gate] + ([m.down] if need_H_down else []),
+                                                    output_energies=() if need_H_down else (m.down,)) as acc:
         run_block(block, inputs, cfg.batch_size, device, keep_outputs=False)
     with timer.stage("prune"):
-        ffn_error, down_energy = 0.0, None
+        ffn_error, down_energy, H_down = 0.0, None, acc[m.down].H if need_H_down else None
+        if learn_channels:  # the full-width FFN and its statistics, to cut the learned channels from later
+            stash["ffn_weights"] = {p: lin(p).weight.data.clone() for p in (m.gate, m.up, m.down)}
+            stash["ffn_biases"] = {p: lin(p).bias.data.clone() for p in (m.gate, m.up, m.down) if lin(p).bias is not None}
+            stash["hessians"]["ffn"] = H_down
+        channels_kept = torch.arange(m.intermediate_size)
         if prune_channels:
-            H_down = acc[m.down].H
             channels = PruneChannels("slimgpt", cfg.compensate, cfg.percdamp)(block, s, width=counts.inter, hessian=H_down)
             MaterializeChannels()(block, s, result=channels)
-            H_down, ffn_error = H_down[channels.kept][:, channels.kept], channels.error
-        else:
-            H_down, down_energy = None, acc[m.down, "energy"].energy
-        keep_for_training([m.gate, m.up, m.down], {"mlp_in": acc[m.gate].H, "mlp_out": H_down if H_down is not None
-                                                   else down_energy})
+            H_down, ffn_error, channels_kept = H_down[channels.kept][:, channels.kept], channels.error, channels.kept
+        elif H_down is None:
+            down_energy = acc[m.down, "energy"].energy
+        stash["channels"] = channels_kept
+        keep_for_training([] if learn_channels else [m.gate, m.up, m.down],
+                          {"mlp_in": acc[m.gate].H, "mlp_out": H_down if H_down is not None else down_energy})
         reads = PruneReadDims(cfg.percdamp)(block, s, paths=[m.gate, m.up], keep=counts.mlp_in, hessian=acc[m.gate].H)
         apply_dims(block, reads)
         writes = PruneWriteDims()(block, s, path=m.down, keep=counts.mlp_out, hessian=H_down, energy=down_energy)
@@ -321,15 +329,28 @@ def _prune_block_disp(block, s: BlockStructure, shape: BlockShape, target: Layer
     return row, out
 
 
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Linear:
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                            dtype=weight.dtype)
+    layer.weight.data.copy_(weight)
+    if bias is not None:
+        layer.bias.data.copy_(bias)
+    return layer
+
+
 def _learn_disp_masks(model, layers, structures: list[BlockStructure], rows: list[dict], shapes: list[BlockShape],
                       plan: PruningPlan, samples: torch.Tensor, cfg: CompileConfig) -> dict:
-    """--disp-train: restore each block's weights from before its hidden dims were cut, learn the masks with the
-    hypernetwork (warm-started from the training-free selection, weights frozen), then cut the learned dims with
-    the same compensation as the training-free path. Leaves the new index sets in the rows."""
+    """--disp-train: restore each block's weights from before its hidden dims were cut (slimgpt+disp: and its
+    full-width FFN, from before its channels were cut), learn the masks with the hypernetwork (warm-started from
+    the training-free selection, weights frozen), then cut the learned channels and dims with the same
+    compensation as the training-free path. Leaves the new widths and index sets in the rows."""
     from .disp_train import MaskSites, train_masks
 
     hidden = shapes[0].hidden_size
     init_keep = torch.ones(len(layers), len(INDEX_SETS), hidden, dtype=torch.bool)
+    learn_channels = all("ffn_weights" in row["train_state"] for row in rows)
+    init_channels = (torch.zeros(len(layers), shapes[0].intermediate_size, dtype=torch.bool) if learn_channels
+                     else None)
     sites = []
     for i, (block, s, row) in enumerate(zip(layers, structures, rows)):
         state = row["train_state"]
@@ -337,6 +358,11 @@ def _learn_disp_masks(model, layers, structures: list[BlockStructure], rows: lis
             block.get_submodule(p).weight.data.copy_(w)
         for p, b in state["biases"].items():
             block.get_submodule(p).bias.data.copy_(b)
+        if learn_channels:  # back to the full-width FFN, the channel masks choose its width
+            for p, w in state["ffn_weights"].items():
+                _set(block, p, _linear(w, state["ffn_biases"].get(p)))
+            set_widths_from_weights(block, s)
+            init_channels[i, state["channels"]] = True
         for k, name in enumerate(INDEX_SETS):
             if name in row["index_sets"]:
                 init_keep[i, k] = False
@@ -348,10 +374,20 @@ def _learn_disp_masks(model, layers, structures: list[BlockStructure], rows: lis
     widths = [(row["heads"], row["kv_heads"], row["ffn"]) for row in rows]
     target = plan.block_params_dense * (1 - cfg.sparsity)
     result = train_masks(model, sites, shapes, widths, init_keep, windows, cfg.disp_train, target,
-                         cfg.disp_lr, cfg.disp_lambda, cfg.seed, disp.MIN_DIMS)
+                         cfg.disp_lr, cfg.disp_lambda, cfg.seed, disp.MIN_DIMS, init_channels, cfg.align_ffn)
     for i, (block, s, row) in enumerate(zip(layers, structures, rows)):
         a, m = s.attention, s.mlp
         state = row.pop("train_state")
+        if learn_channels:
+            kept_channels = result.channels[i].nonzero().squeeze(1)
+            H_down = state["hessians"]["ffn"]
+            if len(kept_channels) < shapes[i].intermediate_size:
+                cut = PruneChannels("slimgpt", cfg.compensate, cfg.percdamp)(
+                    block, s, width=len(kept_channels), hessian=H_down, kept=kept_channels)
+                MaterializeChannels()(block, s, result=cut)
+                row["ffn_obs_error"] = cut.error
+            state["hessians"]["mlp_out"] = H_down[kept_channels][:, kept_channels]
+            row["ffn"] = len(kept_channels)
         keep = {name: result.keep[i, k].nonzero().squeeze(1) for k, name in enumerate(INDEX_SETS)}
         for name, paths in (("attn_in", [a.q, a.k, a.v]), ("mlp_in", [m.gate, m.up])):
             apply_dims(block, PruneReadDims(cfg.percdamp)(block, s, paths=paths, keep=len(keep[name]),
@@ -367,6 +403,7 @@ def _learn_disp_masks(model, layers, structures: list[BlockStructure], rows: lis
     return {"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
             "window_tokens": windows.shape[1], "loss_first": result.loss_first, "loss_last": result.loss_last,
             "kept_over_target_last_step": result.kept_fraction_last, "dims_flipped": result.flipped,
+            "channels_learned": learn_channels, "channels_flipped": result.channels_flipped,
             "lr": cfg.disp_lr, "lambda": cfg.disp_lambda}
 
 

@@ -140,8 +140,9 @@ def disp_train_lines(r: dict) -> list[str]:
     if not t:
         return []
     return [f"disp-train: {t['steps']} steps x {t['window_tokens']} tokens ({t['tokens']:,} tokens) in {t['seconds']:.0f}s; "
-            f"loss {t['loss_first']:.3f} -> {t['loss_last']:.3f}; {t['dims_flipped']} hidden-dim choices changed "
-            f"from the training-free selection"]
+            f"loss {t['loss_first']:.3f} -> {t['loss_last']:.3f}; {t['dims_flipped']} hidden-dim choices"
+            + (f" and {t['channels_flipped']} FFN-channel choices" if t.get("channels_learned") else "")
+            + " changed from the training-free selection"]
 
 
 def chat_lines(r: dict) -> list[str]:

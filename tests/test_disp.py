@@ -238,7 +238,7 @@ def _compile(src, out, **kw):
     return slimc.compile(str(src), str(out), **opts)
 
 
-@pytest.mark.parametrize("method,train", [("disp", 0), ("slimgpt+disp", 0), ("disp", 6)])
+@pytest.mark.parametrize("method,train", [("disp", 0), ("slimgpt+disp", 0), ("disp", 6), ("slimgpt+disp", 6)])
 def test_disp_compile_reloads_without_slimc_and_tokenizer_does_not_ask(method, train, tiny_src, tmp_path):
     out = tmp_path / "out"
     res = _compile(tiny_src, out, method=method, disp_train=train, disp_seq_len=16)
@@ -246,7 +246,11 @@ def test_disp_compile_reloads_without_slimc_and_tokenizer_does_not_ask(method, t
         report = json.loads((out / "report.json").read_text())
         assert report["disp_train"]["steps"] == train and report["disp_train"]["tokens"] == train * 16
         assert "disp-train: 6 steps" in (out / "README.md").read_text()
+        # slimgpt+disp learns the FFN channels too (the paper's intermediate mask); disp keeps the full FFN
+        assert report["disp_train"]["channels_learned"] == (method == "slimgpt+disp")
     plan = json.loads((out / "slimc_plan.json").read_text())
+    if method == "slimgpt+disp":
+        assert all(layer["intermediate_size"] % 8 == 0 for layer in plan["layers"])  # --align-ffn 8 (hf)
     assert abs(plan["achieved_sparsity"] - 0.4) <= 0.01 and plan["method"] == method
     assert all(layer["attn_in_dims"] is not None for layer in plan["layers"])
     cfg = json.loads((out / "config.json").read_text())
@@ -355,8 +359,47 @@ def test_disp_train_moves_the_kept_fraction_to_its_target_and_selects_at_the_bud
     assert target - 2 * 96 * 2 <= kept <= target and r.keep.sum(-1).min() >= 8
     # budget_selection is monotone in the budget
     logits = torch.randn(3, 4, 64)
-    small, large = (budget_selection(logits, shapes, widths, f * dense, 8) for f in (0.5, 0.8))
+    (small, _), (large, _) = (budget_selection(logits, shapes, widths, f * dense, 8) for f in (0.5, 0.8))
     assert bool((small <= large).all())
+
+
+def test_disp_train_learns_ffn_channels_with_the_dims_and_keeps_widths_aligned():
+    """slimgpt+disp's learned masks include the FFN channels (the paper's intermediate mask): started from a
+    selection that keeps every channel and dim (over budget), the hypernetwork moves the parameter count to its
+    target, channel choices change, and the final selection is at the budget with each block's FFN width a
+    multiple of the alignment step."""
+    from slimc.disp_train import MaskSites, budget_selection, kept_params, train_masks
+    from slimc.pipeline import block_shape
+
+    model = tiny_model("llama", vocab_size=128)
+    layers = decoder_layers(model)
+    sample = torch.randn(1, 6, 64)
+    pos = torch.arange(6)[None]
+    emb = model.model.rotary_emb(sample, pos)
+    structures = [capture_block(b, (sample,), {"position_embeddings": emb, "position_ids": pos}) for b in layers]
+    shapes = [block_shape(b, s) for b, s in zip(layers, structures)]
+    widths = [(8, 4, 96)] * 3
+    sites = [MaskSites(b.input_layernorm, b.self_attn.o_proj, b.post_attention_layernorm, b.mlp.down_proj) for b in layers]
+    init, init_channels = torch.ones(3, 4, 64, dtype=torch.bool), torch.ones(3, 96, dtype=torch.bool)
+    dense = float(kept_params(init.float(), shapes, widths, init_channels.float()))
+    target = 0.7 * dense
+    windows = torch.randint(0, 128, (16, 16), generator=torch.Generator().manual_seed(0))
+    r = train_masks(model, sites, shapes, widths, init, windows, steps=60, target_params=target, lr=0.1, lam=5.0,
+                    init_channels=init_channels, channel_step=8)
+    assert abs(r.kept_fraction_last - 1) < 0.1, r.kept_fraction_last
+    assert r.channels is not None and r.channels_flipped > 0
+    assert all(not h for h in (b.mlp.down_proj._forward_pre_hooks for b in layers))  # hooks gone
+    counts = r.channels.sum(-1)
+    assert bool((counts % 8 == 0).all()) and int(counts.min()) >= 8
+    kept = float(kept_params(r.keep.float(), shapes, widths, r.channels.float()))
+    assert target - 8 * shapes[0].channel_params <= kept <= target
+    # at any budget, every block's width is a multiple of the step
+    logits, channel_logits = torch.randn(3, 4, 64), torch.randn(3, 96)
+    dims, channels = budget_selection(logits, shapes, widths, 0.6 * dense, 8, channel_logits, 8)
+    assert channels.shape == (3, 96) and bool((channels.sum(-1) % 8 == 0).all())
+    # the kept channels of a block are its highest logits
+    for c, lg in zip(channels, channel_logits):
+        assert lg[c].min() >= lg[~c].max()
 
 
 def test_output_energy_hook_equals_the_hessian_row_energy():

@@ -60,6 +60,23 @@ def test_obs_update_equals_least_squares_optimum():
     assert torch.allclose(Hinv_new[keep][:, keep], torch.linalg.inv(H[keep][:, keep]), atol=1e-8)
 
 
+def test_remove_columns_with_a_given_selection_is_the_least_squares_optimum():
+    """A selection made elsewhere (learned masks): the kept columns are refit by least squares, the error is
+    the joint OBS error (2/n x the residual), a dead input costs nothing and its column goes to zero."""
+    W, X, H = _problem(n=300)
+    X[:, 3] = 0  # a dead input: never active on the calibration text
+    H = 2 / 300 * X.T @ X
+    kept = torch.tensor([7, 0, 2, 3, 5, 8, 10, 11])  # unsorted on purpose
+    r = obs.remove_columns(W, H, kept, percdamp=0.0)
+    assert r.kept.tolist() == sorted(kept.tolist()) and r.removal_order == [1, 4, 6, 9]
+    alive = torch.tensor([0, 2, 5, 7, 8, 10, 11])
+    err, W_ls = _lstsq_error(W, X, alive)
+    assert torch.allclose(r.weight[:, alive], W_ls, atol=1e-8)
+    assert torch.all(r.weight[:, [1, 3, 4, 6, 9]] == 0)
+    assert r.error == pytest.approx(2 / 300 * float(err), rel=1e-6)
+    assert obs.remove_columns(W, H, torch.arange(12)).weight.equal(W)  # nothing to remove
+
+
 def test_compensation_lowers_reconstruction_error():
     W, X, H = _problem(out=8, d_in=16, n=400, seed=3)
     units = torch.arange(16).view(4, 4)
