@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 from .config import METHODS
@@ -96,8 +95,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="distil on N more --seq-len windows of fresh text besides the calibration windows: Brown's "
                         "train split (its files in no other split) for --calib brown, else the --calib text")
     c.add_argument("--disp-train", type=int, default=0, metavar="STEPS",
-                   help="DISP methods: learn the hidden-dim masks with the paper's hypernetwork for STEPS steps, "
-                        "warm-started from the training-free selection (model weights frozen)")
+                   help="DISP methods: learn the hidden-dim masks (slimgpt+disp: and the FFN channels) with the "
+                        "paper's hypernetwork for STEPS steps, warm-started from the training-free selection (model "
+                        "weights frozen)")
     c.add_argument("--disp-lr", type=float, default=1e-3)
     c.add_argument("--disp-lambda", type=float, default=2.0, help="weight of the parameter-budget loss term")
     c.add_argument("--disp-seq-len", type=int, default=256, help="tokens per --disp-train sample")
@@ -181,19 +181,10 @@ def _bench(args) -> None:
 
 
 def _write_json(result: dict, path: str) -> None:
-    """Strict JSON, which every reader parses (not only Python's): a number that is not finite (a kept share
-    with no skilled task, an error lm-eval could not give) is written as null."""
-    def finite(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: finite(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [finite(v) for v in x]
-        return x
+    from .report import strict_json
 
     with open(path, "w") as f:
-        json.dump(finite(result), f, indent=2, allow_nan=False)
+        f.write(strict_json(result))
 
 
 def _assets(args) -> None:

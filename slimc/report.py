@@ -3,6 +3,7 @@ model with a chat template, a chat turn with the probe's answered share); JSON +
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -154,8 +155,23 @@ def chat_lines(r: dict) -> list[str]:
             f"chat probe: answered {probe['answered']:.0%} of {probe['prompts']} built-in prompts"]
 
 
+def strict_json(result, indent: int | None = 2) -> str:
+    """Strict JSON, which every reader parses (not only Python's): a number that is not finite (a kept share
+    with no skilled task, an error lm-eval could not give, a loss that diverged) is written as null."""
+    def finite(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [finite(v) for v in x]
+        return x
+
+    return json.dumps(finite(result), indent=indent, allow_nan=False)
+
+
 def write_report(r: dict, out_dir: Path) -> None:
-    (out_dir / "report.json").write_text(json.dumps(r, indent=2))
+    (out_dir / "report.json").write_text(strict_json(r))
     (out_dir / "README.md").write_text(model_card(r))
     plot_widths(r, out_dir / "widths.png")
 
