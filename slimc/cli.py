@@ -95,12 +95,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="distil on N more --seq-len windows of fresh text besides the calibration windows: Brown's "
                         "train split (its files in no other split) for --calib brown, else the --calib text")
     c.add_argument("--disp-train", type=int, default=0, metavar="STEPS",
-                   help="DISP methods: learn the hidden-dim masks (slimgpt+disp: and the FFN channels) with the "
-                        "paper's hypernetwork for STEPS steps, warm-started from the training-free selection (model "
-                        "weights frozen)")
+                   help="DISP methods: learn the hidden-dim masks with the paper's hypernetwork for STEPS steps, "
+                        "warm-started from the training-free selection (model weights frozen)")
     c.add_argument("--disp-lr", type=float, default=1e-3)
     c.add_argument("--disp-lambda", type=float, default=2.0, help="weight of the parameter-budget loss term")
     c.add_argument("--disp-seq-len", type=int, default=256, help="tokens per --disp-train sample")
+    c.add_argument("--disp-train-channels", action="store_true",
+                   help="slimgpt+disp: learn the FFN channels with the masks too (the paper's fifth mask; worse than "
+                        "the dims alone on held-out text at 2,400 steps, BENCHMARKS.md section 6)")
     c.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
     e = sub.add_parser("eval", help="perplexity, chat fidelity and zero-shot accuracy of a model or a compiled output")

@@ -69,6 +69,9 @@ class CompileConfig:
     disp_lr: float = 1e-3  # the paper's AdamW learning rate
     disp_lambda: float = 2.0  # weight of the |log(kept / target)| parameter-budget term
     disp_seq_len: int = 256  # tokens per training sample
+    # slimgpt+disp: learn the FFN channels too (the paper's fifth mask). Off: with 2,400 steps it was worse than
+    # learning the dims alone on held-out Brown (126.1 vs 112.6 at 50 %, BENCHMARKS.md §6)
+    disp_train_channels: bool = False
     gqa: str = "query"
     gqa_order: str = "joint"  # query mode: one head from every KV group per round, or one head per round
     ffn_group_max: int = 1024  # largest group of FFN channels removed in one OBS round (SlimGPT's dynamic size)
@@ -142,6 +145,10 @@ class CompileConfig:
         elif self.disp_train:
             raise SlimcError(f"--disp-train learns DISP masks: it needs --method disp or slimgpt+disp "
                              f"(got {self.method})")
+        if self.disp_train_channels and not (self.disp_train and self.method == "slimgpt+disp"):
+            raise SlimcError("--disp-train-channels learns slimgpt+disp's FFN channels with the masks: it needs "
+                             f"--method slimgpt+disp and --disp-train STEPS (got --method {self.method}, "
+                             f"--disp-train {self.disp_train})")
         if not self.reconstruct_lr > 0:
             raise SlimcError(f"--reconstruct-lr must be positive, got {self.reconstruct_lr}")
         for name in ("calib_samples", "seq_len", "align_ffn", "tp", "batch_size", "reconstruct_epochs", "ffn_group_max"):

@@ -1,6 +1,6 @@
 """DISP-LLM's learned selection (`--disp-train STEPS`): a hypernetwork emits every block's four hidden-dim masks
-and, when the method prunes FFN channels (slimgpt+disp), the FFN channel mask too -- the paper's five selections
-(its `virtual_gate` is the intermediate one). The model's weights stay frozen and only the hypernetwork trains.
+and, with `--disp-train-channels` (slimgpt+disp), the FFN channel mask too -- the paper's five selections (its
+`virtual_gate` is the intermediate one). The model's weights stay frozen and only the hypernetwork trains.
 
     block embeddings -> bi-GRU over the blocks -> LayerNorm -> GELU -> one Linear per mask -> mask logits
     masks = Gumbel-sigmoid(logits), hard 0/1 in the forward, the soft value's gradient in the backward

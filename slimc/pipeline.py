@@ -287,9 +287,9 @@ def _prune_block_disp(block, s: BlockStructure, shape: BlockShape, target: Layer
         apply_dims(block, writes)
         kept["attn_in"], kept["attn_out"] = reads.kept, writes.kept
     # pass 2, the pruned attention in place: the MLP's reader Hessian, and down_proj's Hessian only if channels go
-    # (or may go: --disp-train learns slimgpt+disp's channels too)
+    # (or may go: --disp-train-channels learns them)
     prune_channels = counts.inter != m.intermediate_size
-    learn_channels = bool(cfg.disp_train) and with_heads
+    learn_channels = cfg.disp_train_channels and with_heads
     need_H_down = prune_channels or learn_channels
     with timer.stage("calibrate"), collect_hessians(block, [m.gate] + ([m.down] if need_H_down else []),
                                                     output_energies=() if need_H_down else (m.down,)) as acc:

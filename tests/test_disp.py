@@ -238,16 +238,19 @@ def _compile(src, out, **kw):
     return slimc.compile(str(src), str(out), **opts)
 
 
-@pytest.mark.parametrize("method,train", [("disp", 0), ("slimgpt+disp", 0), ("disp", 6), ("slimgpt+disp", 6)])
-def test_disp_compile_reloads_without_slimc_and_tokenizer_does_not_ask(method, train, tiny_src, tmp_path):
+@pytest.mark.parametrize("method,train,channels", [("disp", 0, False), ("slimgpt+disp", 0, False),
+                                                   ("disp", 6, False), ("slimgpt+disp", 6, False),
+                                                   ("slimgpt+disp", 6, True)])
+def test_disp_compile_reloads_without_slimc_and_tokenizer_does_not_ask(method, train, channels, tiny_src, tmp_path):
     out = tmp_path / "out"
-    res = _compile(tiny_src, out, method=method, disp_train=train, disp_seq_len=16)
+    res = _compile(tiny_src, out, method=method, disp_train=train, disp_seq_len=16, disp_train_channels=channels)
     if train:
         report = json.loads((out / "report.json").read_text())
         assert report["disp_train"]["steps"] == train and report["disp_train"]["tokens"] == train * 16
         assert "disp-train: 6 steps" in (out / "README.md").read_text()
-        # slimgpt+disp learns the FFN channels too (the paper's intermediate mask); disp keeps the full FFN
-        assert report["disp_train"]["channels_learned"] == (method == "slimgpt+disp")
+        # --disp-train-channels learns the FFN channels too (the paper's intermediate mask)
+        assert report["disp_train"]["channels_learned"] == channels
+        assert ("FFN-channel choices" in (out / "README.md").read_text()) == channels
     plan = json.loads((out / "slimc_plan.json").read_text())
     if method == "slimgpt+disp":
         assert all(layer["intermediate_size"] % 8 == 0 for layer in plan["layers"])  # --align-ffn 8 (hf)
@@ -318,6 +321,8 @@ def _cli(args):
 
 @pytest.mark.parametrize("args,message", [
     (["--disp-train", "5"], "needs --method disp or slimgpt+disp"),
+    (["--method", "disp", "--disp-train", "5", "--disp-train-channels"], "needs --method slimgpt+disp and --disp-train"),
+    (["--method", "slimgpt+disp", "--disp-train-channels"], "needs --method slimgpt+disp and --disp-train"),
     (["--method", "disp", "--sparsity", "0.9", "--schedule", "uniform"], "more hidden dims"),
     (["--method", "disp", "--plan-only"], "reuse OUT/slimc_plan.json"),
     (["--method", "slimgpt+disp", "--reconstruct"], "not combined"),
