@@ -70,7 +70,7 @@ class CompileConfig:
     disp_lambda: float = 2.0  # weight of the |log(kept / target)| parameter-budget term
     disp_seq_len: int = 256  # tokens per training sample
     # slimgpt+disp: learn the FFN channels too (the paper's fifth mask). Off: with 2,400 steps it was worse than
-    # learning the dims alone on held-out Brown (126.1 vs 112.6 at 50 %, BENCHMARKS.md §6)
+    # learning the dims alone on held-out Brown (126.1 vs 112.6 at 50 %, 381 vs 66 at 30 %, BENCHMARKS.md §6)
     disp_train_channels: bool = False
     gqa: str = "query"
     gqa_order: str = "joint"  # query mode: one head from every KV group per round, or one head per round
