@@ -22,11 +22,16 @@ def _slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: tor
         w = w[rows]
     if cols is not None:
         w = w[:, cols]
-    bias = linear.bias is not None
-    new = nn.Linear(w.shape[1], w.shape[0], bias=bias, device=w.device, dtype=w.dtype)
-    new.weight.data.copy_(w)
-    if bias:
-        new.bias.data.copy_(linear.bias.data if rows is None else linear.bias.data[rows])
+    bias = None if linear.bias is None else linear.bias.data if rows is None else linear.bias.data[rows]
+    return linear_from(w, bias)
+
+
+def linear_from(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+    """A new nn.Linear holding copies of `weight` ([out, in]) and `bias`, on their device and dtype."""
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    new.weight.data.copy_(weight)
+    if bias is not None:
+        new.bias.data.copy_(bias)
     return new
 
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .passes import (MaterializeChannels, MaterializeDims, MaterializeHeads, PruneChannels, PruneHeads, PruneReadDims,
                      PruneWriteDims, apply_dims)
-from .passes.materialize import _head_rows, _set, set_widths_from_weights
+from .passes.materialize import _head_rows, _set, linear_from, set_widths_from_weights
 from .passes.prune_heads import head_widths
 
 from . import __version__
@@ -289,7 +289,7 @@ def _prune_block_disp(block, s: BlockStructure, shape: BlockShape, target: Layer
     # pass 2, the pruned attention in place: the MLP's reader Hessian, and down_proj's Hessian only if channels go
     # (or may go: --disp-train-channels learns them)
     prune_channels = counts.inter != m.intermediate_size
-    learn_channels = cfg.disp_train_channels and with_heads
+    learn_channels = cfg.disp_train_channels  # CompileConfig allows it with slimgpt+disp and --disp-train only
     need_H_down = prune_channels or learn_channels
     with timer.stage("calibrate"), collect_hessians(block, [m.gate] + ([m.down] if need_H_down else []),
                                                     output_energies=() if need_H_down else (m.down,)) as acc:
@@ -300,14 +300,15 @@ def _prune_block_disp(block, s: BlockStructure, shape: BlockShape, target: Layer
             stash["ffn_weights"] = {p: lin(p).weight.data.clone() for p in (m.gate, m.up, m.down)}
             stash["ffn_biases"] = {p: lin(p).bias.data.clone() for p in (m.gate, m.up, m.down) if lin(p).bias is not None}
             stash["hessians"]["ffn"] = H_down
-        channels_kept = torch.arange(m.intermediate_size)
+            stash["channels"] = torch.arange(m.intermediate_size)  # the warm start, unless channels go below
         if prune_channels:
             channels = PruneChannels("slimgpt", cfg.compensate, cfg.percdamp)(block, s, width=counts.inter, hessian=H_down)
             MaterializeChannels()(block, s, result=channels)
-            H_down, ffn_error, channels_kept = H_down[channels.kept][:, channels.kept], channels.error, channels.kept
+            H_down, ffn_error = H_down[channels.kept][:, channels.kept], channels.error
+            if learn_channels:
+                stash["channels"] = channels.kept
         elif H_down is None:
             down_energy = acc[m.down, "energy"].energy
-        stash["channels"] = channels_kept
         keep_for_training([] if learn_channels else [m.gate, m.up, m.down],
                           {"mlp_in": acc[m.gate].H, "mlp_out": H_down if H_down is not None else down_energy})
         reads = PruneReadDims(cfg.percdamp)(block, s, paths=[m.gate, m.up], keep=counts.mlp_in, hessian=acc[m.gate].H)
@@ -329,15 +330,6 @@ def _prune_block_disp(block, s: BlockStructure, shape: BlockShape, target: Layer
     return row, out
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Linear:
-    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
-                            dtype=weight.dtype)
-    layer.weight.data.copy_(weight)
-    if bias is not None:
-        layer.bias.data.copy_(bias)
-    return layer
-
-
 def _learn_disp_masks(model, layers, structures: list[BlockStructure], rows: list[dict], shapes: list[BlockShape],
                       plan: PruningPlan, samples: torch.Tensor, cfg: CompileConfig) -> dict:
     """--disp-train: restore each block's weights from before its hidden dims were cut (slimgpt+disp: and its
@@ -348,7 +340,7 @@ def _learn_disp_masks(model, layers, structures: list[BlockStructure], rows: lis
 
     hidden = shapes[0].hidden_size
     init_keep = torch.ones(len(layers), len(INDEX_SETS), hidden, dtype=torch.bool)
-    learn_channels = all("ffn_weights" in row["train_state"] for row in rows)
+    learn_channels = cfg.disp_train_channels
     init_channels = (torch.zeros(len(layers), shapes[0].intermediate_size, dtype=torch.bool) if learn_channels
                      else None)
     sites = []
@@ -360,7 +352,7 @@ def _learn_disp_masks(model, layers, structures: list[BlockStructure], rows: lis
             block.get_submodule(p).bias.data.copy_(b)
         if learn_channels:  # back to the full-width FFN, the channel masks choose its width
             for p, w in state["ffn_weights"].items():
-                _set(block, p, _linear(w, state["ffn_biases"].get(p)))
+                _set(block, p, linear_from(w, state["ffn_biases"].get(p)))
             set_widths_from_weights(block, s)
             init_channels[i, state["channels"]] = True
         for k, name in enumerate(INDEX_SETS):

@@ -1,4 +1,6 @@
 """Tiny random models for fast unit tests (hidden 64, 2-3 layers). Quality claims never come from these."""
+import json
+
 import pytest
 import torch
 import transformers
@@ -12,6 +14,14 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # q/k/v carry biases
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),  # q/k norms over head_dim
 }
+
+
+def strict_json_loads(text: str):
+    """json.loads that fails on NaN / Infinity: what a reader other than Python's would do."""
+    def reject(token):
+        raise AssertionError(f"not strict JSON: {token}")
+
+    return json.loads(text, parse_constant=reject)
 
 
 def tiny_model(family="llama", seed=0, **overrides):

@@ -335,10 +335,9 @@ def test_bad_disp_requests_are_one_line_errors(args, message, tiny_src, tmp_path
     assert "Traceback" not in err and not out.exists()
 
 
-def test_disp_train_moves_the_kept_fraction_to_its_target_and_selects_at_the_budget():
-    """The hypernetwork, started from "keep everything" (30 % over budget), learns masks whose parameter count
-    reaches the target; the final selection sits at the budget exactly (within one hidden dim)."""
-    from slimc.disp_train import MaskSites, budget_selection, kept_params, train_masks
+def _mask_training_problem():
+    """A tiny 3-block Llama with its block shapes, its dense widths and the sites the masks act on."""
+    from slimc.disp_train import MaskSites
     from slimc.pipeline import block_shape
 
     model = tiny_model("llama", vocab_size=128)
@@ -350,6 +349,15 @@ def test_disp_train_moves_the_kept_fraction_to_its_target_and_selects_at_the_bud
     shapes = [block_shape(b, s) for b, s in zip(layers, structures)]
     widths = [(8, 4, 96)] * 3
     sites = [MaskSites(b.input_layernorm, b.self_attn.o_proj, b.post_attention_layernorm, b.mlp.down_proj) for b in layers]
+    return model, layers, shapes, widths, sites
+
+
+def test_disp_train_moves_the_kept_fraction_to_its_target_and_selects_at_the_budget():
+    """The hypernetwork, started from "keep everything" (30 % over budget), learns masks whose parameter count
+    reaches the target; the final selection sits at the budget exactly (within one hidden dim)."""
+    from slimc.disp_train import budget_selection, kept_params, train_masks
+
+    model, layers, shapes, widths, sites = _mask_training_problem()
     init = torch.ones(3, 4, 64, dtype=torch.bool)
     dense = float(kept_params(init.float(), shapes, widths))
     target = 0.7 * dense
@@ -373,18 +381,9 @@ def test_disp_train_learns_ffn_channels_with_the_dims_and_keeps_widths_aligned()
     selection that keeps every channel and dim (over budget), the hypernetwork moves the parameter count to its
     target, channel choices change, and the final selection is at the budget with each block's FFN width a
     multiple of the alignment step."""
-    from slimc.disp_train import MaskSites, budget_selection, kept_params, train_masks
-    from slimc.pipeline import block_shape
+    from slimc.disp_train import budget_selection, kept_params, train_masks
 
-    model = tiny_model("llama", vocab_size=128)
-    layers = decoder_layers(model)
-    sample = torch.randn(1, 6, 64)
-    pos = torch.arange(6)[None]
-    emb = model.model.rotary_emb(sample, pos)
-    structures = [capture_block(b, (sample,), {"position_embeddings": emb, "position_ids": pos}) for b in layers]
-    shapes = [block_shape(b, s) for b, s in zip(layers, structures)]
-    widths = [(8, 4, 96)] * 3
-    sites = [MaskSites(b.input_layernorm, b.self_attn.o_proj, b.post_attention_layernorm, b.mlp.down_proj) for b in layers]
+    model, layers, shapes, widths, sites = _mask_training_problem()
     init, init_channels = torch.ones(3, 4, 64, dtype=torch.bool), torch.ones(3, 96, dtype=torch.bool)
     dense = float(kept_params(init.float(), shapes, widths, init_channels.float()))
     target = 0.7 * dense

@@ -1,13 +1,11 @@
 """Zero-shot tasks: offline data through lm-eval, scored for real on a model whose log-likelihoods are rigged
 for (or against) the gold answer; subsets; the CLI's bad inputs."""
-import json
-
 import pytest
 import torch
 import transformers
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from conftest import char_tokenizer
+from conftest import char_tokenizer, strict_json_loads
 
 lm_eval = pytest.importorskip("lm_eval")
 from slimc import tasks as tasks_mod  # noqa: E402
@@ -122,10 +120,7 @@ def test_eval_cli_tasks_json(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["eval", str(d), "--tasks", "piqa,winogrande", "--limit", "4", "--json", str(out),
                  "--against", str(d)]) == 0
-    def no_nan(token):
-        raise AssertionError(f"not strict JSON: {token}")
-
-    r = json.loads(out.read_text(), parse_constant=no_nan)  # strict JSON: a NaN would be written as null
+    r = strict_json_loads(out.read_text())  # strict JSON: a NaN would be written as null
     assert r["against"]["tasks"] == r["tasks"]  # the same model beside itself: the dense column, same documents
     assert "ppl" not in r  # --tasks alone scores tasks only
     assert set(r["tasks"]) == {"piqa", "winogrande"}
