@@ -13,8 +13,9 @@ dense model's greedy answers (NLL of the dense answers, share answered, ROUGE-L 
 Row names: `dense`, or KIND-RATIO[-OPTION...] with KIND one of plain (`--chat-calib off`), chat (the defaults),
 self / framed / both (`--chat-data KIND`); options mixM (`--chat-mix M`), rec (`--reconstruct`), lrX
 (`--reconstruct-lr X`), epN (`--reconstruct-epochs N`), kdN (`--distill-epochs N`), klrX (`--distill-lr X`),
-disp (`--method disp`), sd (`--method slimgpt+disp`), dtN (`--disp-train N`), dtc (`--disp-train-channels`); e.g.
-`self-0.3-mix1.0`, `both-0.3-rec-lr3e-4`, `chat-0.5-sd-dt300`, `plain-0.5-sd-dt2400-dtc`.
+disp (`--method disp`), sd (`--method slimgpt+disp`), dtN (`--disp-train N`), dtc (`--disp-train-channels`),
+masked (`--disp-train-cut masked`); e.g. `self-0.3-mix1.0`, `both-0.3-rec-lr3e-4`, `chat-0.5-sd-dt300`,
+`plain-0.5-sd-dt2400-dtc`, `plain-0.5-sd-dt2400-masked`.
 """
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ def compile_args(name: str) -> list[str]:
             args += ["--method", "slimgpt+disp"]
         elif r == "dtc":
             args += ["--disp-train-channels"]
+        elif r == "masked":
+            args += ["--disp-train-cut", "masked"]
         elif r.startswith("dt"):
             args += ["--disp-train", r[2:]]
         else:

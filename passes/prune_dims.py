@@ -29,12 +29,13 @@ class DimPruneResult:
 class PruneReadDims(BlockPass):
     """Keep `keep` input dims of the linears in `paths` (they read the same normalized residual): OBS column
     pruning of their stacked weight, dynamic group size, with compensation of the kept columns. Given `kept`
-    (a learned selection), those dims stay and the rest go jointly with the least-squares compensation."""
+    (a learned selection), those dims stay and the rest go jointly with the least-squares compensation.
+    compensate=False drops the removed columns and leaves the kept ones as they are (what a mask did)."""
 
     name = "prune-read-dims"
 
-    def __init__(self, percdamp: float = 0.01, max_group: int = 1024, min_group: int = 8):
-        self.percdamp, self.max_group, self.min_group = percdamp, max_group, min_group
+    def __init__(self, percdamp: float = 0.01, max_group: int = 1024, min_group: int = 8, compensate: bool = True):
+        self.percdamp, self.max_group, self.min_group, self.compensate = percdamp, max_group, min_group, compensate
 
     def requires(self, block, s, *, paths: list[str], keep: int, hessian: torch.Tensor, kept=None):
         width = block.get_submodule(paths[0]).in_features
@@ -49,9 +50,10 @@ class PruneReadDims(BlockPass):
         if n_remove == 0:
             return DimPruneResult(torch.arange(W.shape[1]), dict(zip(paths, (w.clone() for w in weights))))
         if kept is not None:
-            r = obs.remove_columns(W, hessian, kept, self.percdamp)
+            r = obs.remove_columns(W, hessian, kept, self.percdamp, self.compensate)
         else:
-            r = obs.prune_columns_dynamic(W, hessian, n_remove, self.max_group, self.min_group, percdamp=self.percdamp)
+            r = obs.prune_columns_dynamic(W, hessian, n_remove, self.max_group, self.min_group, self.compensate,
+                                          percdamp=self.percdamp)
         parts = r.weight.split([w.shape[0] for w in weights])
         return DimPruneResult(r.kept, dict(zip(paths, parts)), error=r.error)
 

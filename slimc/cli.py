@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from .config import METHODS
+from .config import DISP_TRAIN_CUTS, METHODS
 from .plan import SCHEDULES
 from .errors import Interrupted, SlimcError
 
@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--disp-train-channels", action="store_true",
                    help="slimgpt+disp: learn the FFN channels with the masks too (the paper's fifth mask; worse than "
                         "the dims alone on held-out text at 2,400 steps, BENCHMARKS.md section 6)")
+    c.add_argument("--disp-train-cut", choices=DISP_TRAIN_CUTS, default="compensated",
+                   help="cut --disp-train's learned dims (and channels) with the OBS compensation of the kept "
+                        "columns, or as the masks trained them (masked: dropped, nothing refitted)")
     c.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
     e = sub.add_parser("eval", help="perplexity, chat fidelity and zero-shot accuracy of a model or a compiled output")

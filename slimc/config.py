@@ -15,6 +15,7 @@ DISP_METHODS = ("disp", "slimgpt+disp")  # each block reads / writes its own sub
 HEAD_SCORES = ("grouped", "column")
 GQA_ORDERS = ("joint", "sequential")
 RECONSTRUCT_WEIGHTINGS = ("fisher", "energy")
+DISP_TRAIN_CUTS = ("compensated", "masked")  # how a learned DISP selection is cut (CompileConfig.disp_train_cut)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 CONFIG_FORMAT = "slimc.compile-config/1"
 # Multiple that kept FFN widths are rounded to when --align-ffn is not given, per target, from measuring a
@@ -72,6 +73,9 @@ class CompileConfig:
     # slimgpt+disp: learn the FFN channels too (the paper's fifth mask). Off: with 2,400 steps it was worse than
     # learning the dims alone on held-out Brown (126.1 vs 112.6 at 50 %, 381 vs 66 at 30 %, BENCHMARKS.md §6)
     disp_train_channels: bool = False
+    # how --disp-train's learned selection is cut: with the OBS compensation of the kept columns (as the
+    # training-free path), or as the masks trained it (the removed columns dropped, nothing refitted)
+    disp_train_cut: str = "compensated"
     gqa: str = "query"
     gqa_order: str = "joint"  # query mode: one head from every KV group per round, or one head per round
     ffn_group_max: int = 1024  # largest group of FFN channels removed in one OBS round (SlimGPT's dynamic size)
@@ -149,6 +153,11 @@ class CompileConfig:
             raise SlimcError("--disp-train-channels learns slimgpt+disp's FFN channels with the masks: it needs "
                              f"--method slimgpt+disp and --disp-train STEPS (got --method {self.method}, "
                              f"--disp-train {self.disp_train})")
+        if self.disp_train_cut not in DISP_TRAIN_CUTS:
+            raise SlimcError(f"--disp-train-cut must be one of {', '.join(DISP_TRAIN_CUTS)}, got {self.disp_train_cut}")
+        if self.disp_train_cut != "compensated" and not self.disp_train:
+            raise SlimcError(f"--disp-train-cut {self.disp_train_cut} cuts what --disp-train learned: it needs "
+                             "--disp-train STEPS")
         if not self.reconstruct_lr > 0:
             raise SlimcError(f"--reconstruct-lr must be positive, got {self.reconstruct_lr}")
         for name in ("calib_samples", "seq_len", "align_ffn", "tp", "batch_size", "reconstruct_epochs", "ffn_group_max"):

@@ -367,6 +367,9 @@ def _learn_disp_masks(model, layers, structures: list[BlockStructure], rows: lis
     target = plan.block_params_dense * (1 - cfg.sparsity)
     result = train_masks(model, sites, shapes, widths, init_keep, windows, cfg.disp_train, target,
                          cfg.disp_lr, cfg.disp_lambda, cfg.seed, disp.MIN_DIMS, init_channels, cfg.align_ffn)
+    # the masks were trained on the uncompensated weights; "compensated" refits the kept columns as the
+    # training-free path does, "masked" writes the model the hypernetwork was trained on
+    compensate = cfg.compensate and cfg.disp_train_cut == "compensated"
     for i, (block, s, row) in enumerate(zip(layers, structures, rows)):
         a, m = s.attention, s.mlp
         state = row.pop("train_state")
@@ -374,7 +377,7 @@ def _learn_disp_masks(model, layers, structures: list[BlockStructure], rows: lis
             kept_channels = result.channels[i].nonzero().squeeze(1)
             H_down = state["hessians"]["ffn"]
             if len(kept_channels) < shapes[i].intermediate_size:
-                cut = PruneChannels("slimgpt", cfg.compensate, cfg.percdamp)(
+                cut = PruneChannels("slimgpt", compensate, cfg.percdamp)(
                     block, s, width=len(kept_channels), hessian=H_down, kept=kept_channels)
                 MaterializeChannels()(block, s, result=cut)
                 row["ffn_obs_error"] = cut.error
@@ -382,8 +385,8 @@ def _learn_disp_masks(model, layers, structures: list[BlockStructure], rows: lis
             row["ffn"] = len(kept_channels)
         keep = {name: result.keep[i, k].nonzero().squeeze(1) for k, name in enumerate(INDEX_SETS)}
         for name, paths in (("attn_in", [a.q, a.k, a.v]), ("mlp_in", [m.gate, m.up])):
-            apply_dims(block, PruneReadDims(cfg.percdamp)(block, s, paths=paths, keep=len(keep[name]),
-                                                          hessian=state["hessians"][name], kept=keep[name]))
+            apply_dims(block, PruneReadDims(cfg.percdamp, compensate=compensate)(
+                block, s, paths=paths, keep=len(keep[name]), hessian=state["hessians"][name], kept=keep[name]))
         for name, path in (("attn_out", a.o), ("mlp_out", m.down)):
             stats = state["hessians"][name]  # a Hessian, or (down_proj without channel pruning) output energies
             apply_dims(block, PruneWriteDims()(block, s, path=path, keep=len(keep[name]), kept=keep[name],
@@ -395,7 +398,7 @@ def _learn_disp_masks(model, layers, structures: list[BlockStructure], rows: lis
     return {"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
             "window_tokens": windows.shape[1], "loss_first": result.loss_first, "loss_last": result.loss_last,
             "kept_over_target_last_step": result.kept_fraction_last, "dims_flipped": result.flipped,
-            "channels_learned": learn_channels, "channels_flipped": result.channels_flipped,
+            "channels_learned": learn_channels, "channels_flipped": result.channels_flipped, "cut": cfg.disp_train_cut,
             "lr": cfg.disp_lr, "lambda": cfg.disp_lambda}
 
 

@@ -271,6 +271,39 @@ def test_disp_compile_reloads_without_slimc_and_tokenizer_does_not_ask(method, t
     assert torch.allclose(logits, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("cut", ["masked", "compensated"])
+def test_disp_train_cut_masked_writes_the_model_the_masks_were_trained_on(cut, tiny_src, tmp_path):
+    """--method disp changes nothing but the hidden dims, so the model the hypernetwork trained is the source
+    behind hard masks. The masked cut writes exactly that model; the compensated cut refits the kept columns
+    and does not."""
+    from transformers import AutoModelForCausalLM
+
+    from slimc.disp_train import MaskedModel, MaskSites
+
+    res = _compile(tiny_src, tmp_path / "out", method="disp", disp_train=6, disp_seq_len=16, disp_train_cut=cut)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["disp_train"]["cut"] == cut
+    src = AutoModelForCausalLM.from_pretrained(tiny_src, dtype=torch.float32)
+    layers = decoder_layers(src)
+    hidden = src.config.hidden_size
+    masks = torch.ones(len(layers), len(INDEX_SETS), hidden)
+    state = res.model.state_dict()
+    for i in range(len(layers)):
+        for k, name in enumerate(INDEX_SETS):
+            index = state.get(f"model.layers.{i}.{name}_index")
+            if index is not None:
+                masks[i, k] = 0
+                masks[i, k, index] = 1
+    assert masks.sum() < masks.numel()  # some dims went
+    masked = MaskedModel([MaskSites(b.input_layernorm, b.self_attn.o_proj, b.post_attention_layernorm, b.mlp.down_proj)
+                          for b in layers])
+    masked.masks = masks
+    ids = torch.randint(0, 140, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        trained, written = src(ids).logits, res.model(ids).logits
+    masked.remove()
+    assert torch.allclose(written, trained, atol=1e-5) == (cut == "masked")
+
+
 def test_disp_compile_distils_the_slim_model_and_keeps_its_index_sets(tmp_path):
     """--distill-epochs on a DISP model trains the narrowed weights in slimc's own layer (the stock one cannot
     run them), keeps every index set, and casts to the output dtype after."""
@@ -323,6 +356,7 @@ def _cli(args):
     (["--disp-train", "5"], "needs --method disp or slimgpt+disp"),
     (["--method", "disp", "--disp-train", "5", "--disp-train-channels"], "needs --method slimgpt+disp and --disp-train"),
     (["--method", "slimgpt+disp", "--disp-train-channels"], "needs --method slimgpt+disp and --disp-train"),
+    (["--method", "disp", "--disp-train-cut", "masked"], "needs --disp-train STEPS"),
     (["--method", "disp", "--sparsity", "0.9", "--schedule", "uniform"], "more hidden dims"),
     (["--method", "disp", "--plan-only"], "reuse OUT/slimc_plan.json"),
     (["--method", "slimgpt+disp", "--reconstruct"], "not combined"),
