@@ -74,7 +74,8 @@ class CompileConfig:
     # learning the dims alone on held-out Brown (126.1 vs 112.6 at 50 %, 381 vs 66 at 30 %, BENCHMARKS.md §6)
     disp_train_channels: bool = False
     # how --disp-train's learned selection is cut: with the OBS compensation of the kept columns (as the
-    # training-free path), or as the masks trained it (the removed columns dropped, nothing refitted)
+    # training-free path), or as the masks trained it (the removed columns dropped, nothing refitted); compensated
+    # won on held-out Brown for the same learned selection, dims alone and with channels (BENCHMARKS.md §6)
     disp_train_cut: str = "compensated"
     gqa: str = "query"
     gqa_order: str = "joint"  # query mode: one head from every KV group per round, or one head per round

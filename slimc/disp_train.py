@@ -51,11 +51,16 @@ class MaskHypernetwork(nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("block_inputs", torch.randn(n_layers, width, generator=g))  # fixed, as in the paper
-        self.gru = nn.GRU(width, width, bidirectional=True, batch_first=True)
+        # the GRU's initial weights from --seed, not from the global random state: that depends on whatever ran
+        # before in the compile, and two runs that differed there learned different selections (BENCHMARKS.md §6);
+        # the zeroed heads draw too (nn.Linear's init), inside the fork so the global state is left alone
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.gru = nn.GRU(width, width, bidirectional=True, batch_first=True)
+            self.heads = nn.ModuleList(_zero_linear(2 * width, hidden) for _ in INDEX_SETS)
+            self.channel_head = None if init_channels is None else _zero_linear(2 * width, init_channels.shape[1])
         self.norm = nn.LayerNorm(2 * width)
-        self.heads = nn.ModuleList(_zero_linear(2 * width, hidden) for _ in INDEX_SETS)
         self.prior = _warm_prior(init_keep)
-        self.channel_head = None if init_channels is None else _zero_linear(2 * width, init_channels.shape[1])
         self.channel_prior = None if init_channels is None else _warm_prior(init_channels)
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor | None]:

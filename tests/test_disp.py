@@ -410,6 +410,22 @@ def test_disp_train_moves_the_kept_fraction_to_its_target_and_selects_at_the_bud
     assert bool((small <= large).all())
 
 
+def test_hypernetwork_starts_from_its_seed_whatever_ran_before():
+    """The hypernetwork's weights depend on --seed only, and building it leaves the global random state alone."""
+    from slimc.disp_train import MaskHypernetwork
+
+    init = torch.rand(3, 4, 16) > 0.5
+    torch.manual_seed(1)
+    a = MaskHypernetwork(3, 16, init, seed=5)
+    after = torch.rand(4)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(4), after)  # the construction drew nothing from the global state
+    torch.rand(1000)  # the global state moved, as other compile stages move it
+    b, c = MaskHypernetwork(3, 16, init, seed=5), MaskHypernetwork(3, 16, init, seed=6)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.gru.weight_hh_l0, c.gru.weight_hh_l0)
+
+
 def test_disp_train_learns_ffn_channels_with_the_dims_and_keeps_widths_aligned():
     """slimgpt+disp's learned masks include the FFN channels (the paper's intermediate mask): started from a
     selection that keeps every channel and dim (over budget), the hypernetwork moves the parameter count to its
