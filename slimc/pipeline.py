@@ -335,7 +335,8 @@ def _learn_disp_masks(model, layers, structures: list[BlockStructure], rows: lis
     """--disp-train: restore each block's weights from before its hidden dims were cut (slimgpt+disp: and its
     full-width FFN, from before its channels were cut), learn the masks with the hypernetwork (warm-started from
     the training-free selection, weights frozen), then cut the learned channels and dims with the same
-    compensation as the training-free path. Leaves the new widths and index sets in the rows."""
+    compensation as the training-free path (--disp-train-cut compensated) or exactly as the masks trained them
+    (masked). Leaves the new widths and index sets in the rows."""
     from .disp_train import MaskSites, train_masks
 
     hidden = shapes[0].hidden_size
