@@ -143,7 +143,8 @@ def disp_train_lines(r: dict) -> list[str]:
     return [f"disp-train: {t['steps']} steps x {t['window_tokens']} tokens ({t['tokens']:,} tokens) in {t['seconds']:.0f}s; "
             f"loss {t['loss_first']:.3f} -> {t['loss_last']:.3f}; {t['dims_flipped']} hidden-dim choices"
             + (f" and {t['channels_flipped']} FFN-channel choices" if t.get("channels_learned") else "")
-            + " changed from the training-free selection"]
+            + " changed from the training-free selection"
+            + ("; cut as the masks trained them (no compensation)" if t.get("cut") == "masked" else "")]
 
 
 def chat_lines(r: dict) -> list[str]:

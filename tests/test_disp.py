@@ -282,6 +282,7 @@ def test_disp_train_cut_masked_writes_the_model_the_masks_were_trained_on(cut, t
 
     res = _compile(tiny_src, tmp_path / "out", method="disp", disp_train=6, disp_seq_len=16, disp_train_cut=cut)
     assert json.loads((tmp_path / "out" / "report.json").read_text())["disp_train"]["cut"] == cut
+    assert ("cut as the masks trained them" in (tmp_path / "out" / "README.md").read_text()) == (cut == "masked")
     src = AutoModelForCausalLM.from_pretrained(tiny_src, dtype=torch.float32)
     layers = decoder_layers(src)
     hidden = src.config.hidden_size
