@@ -1,8 +1,8 @@
 """Rebuild a `--disp-train-cut masked` output with the other cut, from the same learned selection.
 
-Two --disp-train runs do not land on the same selection (the Gumbel masks' hard decisions amplify last-bit
-differences of the CPU kernels over thousands of steps), so comparing the two cuts across runs mixes the cut
-with the run. This compiles the source again with the masked output's options and `--disp-train-cut
+Two --disp-train runs of one recipe landed on different selections before the hypernetwork was seeded from
+--seed (its GRU took the global random state, which the compile code before it moves), so comparing the two cuts
+across such runs mixes the cut with the run. This compiles the source again with the masked output's options and `--disp-train-cut
 compensated`, its mask training replaced by the selection the masked output holds: the learned hidden dims (its
 index sets) and, with `--disp-train-channels`, the learned FFN channels (recovered by matching its gate_proj rows,
 which the masked cut leaves untouched, against the source's). The training-free part of a compile is
@@ -23,28 +23,27 @@ from safetensors.torch import load_file
 import slimc
 import slimc.disp_train as disp_train
 from slimc.config import CompileConfig
-from slimc.layout import INDEX_SETS
+from slimc.layout import INDEX_SETS, index_buffer
 
 
-def learned_dims(out: Path, n_layers: int, hidden: int) -> torch.Tensor:
-    tensors = load_file(str(out / "model.safetensors"))
+def learned_dims(tensors: dict[str, torch.Tensor], n_layers: int, hidden: int) -> torch.Tensor:
+    """The kept hidden dims of an output's safetensors, bool [n_layers, 4, hidden]."""
     keep = torch.ones(n_layers, len(INDEX_SETS), hidden, dtype=torch.bool)
     for i in range(n_layers):
         for k, name in enumerate(INDEX_SETS):
-            index = tensors.get(f"model.layers.{i}.{name}_index")
+            index = tensors.get(f"model.layers.{i}.{index_buffer(name)}")
             if index is not None:
                 keep[i, k] = False
                 keep[i, k, index] = True
     return keep
 
 
-def learned_channels(out: Path, model: str, keep: torch.Tensor) -> torch.Tensor:
+def learned_channels(tensors: dict[str, torch.Tensor], model: str, keep: torch.Tensor) -> torch.Tensor:
     """Which source channels each block of a masked cut kept: its gate_proj rows are source rows, restricted to
     the block's MLP read dims."""
     from slimc.load import load_model
 
     dense = load_model(model).model
-    tensors = load_file(str(out / "model.safetensors"))
     n_layers = keep.shape[0]
     inter = dense.config.intermediate_size
     channels = torch.zeros(n_layers, inter, dtype=torch.bool)
@@ -70,8 +69,9 @@ def main() -> None:
     if cfg.disp_train_cut != "masked":
         raise SystemExit(f"{args.masked} was cut {cfg.disp_train_cut}, not masked")
     n_layers, hidden = len(report["layers"]), report["layers"][0]["hidden"]
-    keep = learned_dims(args.masked, n_layers, hidden)
-    channels = learned_channels(args.masked, cfg.model, keep) if cfg.disp_train_channels else None
+    tensors = load_file(str(args.masked / "model.safetensors"))
+    keep = learned_dims(tensors, n_layers, hidden)
+    channels = learned_channels(tensors, cfg.model, keep) if cfg.disp_train_channels else None
     trained = report["disp_train"]
 
     def replay(*_args, **_kwargs):  # the masked output's selection instead of another training run
@@ -83,7 +83,7 @@ def main() -> None:
     options = {k: v for k, v in report["config"].items() if k not in ("format", "model", "output", "sparsity")}
     options.update(disp_train_cut="compensated", overwrite=True)
     res = slimc.compile(cfg.model, str(args.out), cfg.sparsity, **options)
-    again = learned_dims(args.out, n_layers, hidden)
+    again = learned_dims(load_file(str(args.out / "model.safetensors")), n_layers, hidden)
     assert torch.equal(again, keep), "the recut output holds another dim selection"
     widths = [(r["heads"], r["kv_heads"], r["ffn"]) for r in res.report["layers"]]
     assert widths == [(r["heads"], r["kv_heads"], r["ffn"]) for r in report["layers"]], "widths differ"

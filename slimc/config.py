@@ -114,6 +114,7 @@ class CompileConfig:
         one_of("chat_calib", self.chat_calib, CHAT_CALIB_MODES)
         one_of("chat_data", self.chat_data, CHAT_DATA)
         one_of("reconstruct_weighting", self.reconstruct_weighting, RECONSTRUCT_WEIGHTINGS)
+        one_of("disp_train_cut", self.disp_train_cut, DISP_TRAIN_CUTS)
         if not 0 < self.chat_mix <= 4:
             raise SlimcError(f"--chat-mix must be in (0, 4], got {self.chat_mix}")
         if self.align_ffn is None:
@@ -154,8 +155,6 @@ class CompileConfig:
             raise SlimcError("--disp-train-channels learns slimgpt+disp's FFN channels with the masks: it needs "
                              f"--method slimgpt+disp and --disp-train STEPS (got --method {self.method}, "
                              f"--disp-train {self.disp_train})")
-        if self.disp_train_cut not in DISP_TRAIN_CUTS:
-            raise SlimcError(f"--disp-train-cut must be one of {', '.join(DISP_TRAIN_CUTS)}, got {self.disp_train_cut}")
         if self.disp_train_cut != "compensated" and not self.disp_train:
             raise SlimcError(f"--disp-train-cut {self.disp_train_cut} cuts what --disp-train learned: it needs "
                              "--disp-train STEPS")

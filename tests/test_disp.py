@@ -14,7 +14,7 @@ from slimc import disp, obs
 from slimc.capture import capture_block
 from slimc.calibrate import decoder_layers
 from slimc.errors import SlimcError
-from slimc.layout import INDEX_SETS, layer_layouts
+from slimc.layout import INDEX_SETS, index_buffer, layer_layouts
 from slimc.passes import MaterializeDims, PruneReadDims, PruneWriteDims, apply_dims
 from slimc.plan import BlockShape, LayerPlan, PruningPlan
 
@@ -290,7 +290,7 @@ def test_disp_train_cut_masked_writes_the_model_the_masks_were_trained_on(cut, t
     state = res.model.state_dict()
     for i in range(len(layers)):
         for k, name in enumerate(INDEX_SETS):
-            index = state.get(f"model.layers.{i}.{name}_index")
+            index = state.get(f"model.layers.{i}.{index_buffer(name)}")
             if index is not None:
                 masks[i, k] = 0
                 masks[i, k, index] = 1
