@@ -143,22 +143,95 @@ def release_freed_memory() -> None:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs, batch_size: int, device, keep_outputs: bool = True) -> torch.Tensor | None:
-    """Forward every cached sample through `block` in batches; returns the outputs where the inputs are cached
-    (RAM, or a new file beside a spilled stream), written in place batch by batch."""
+def run_batches(fn, hidden: torch.Tensor, batch_size: int, device, keep_outputs: bool = True,
+                stop: int | None = None) -> torch.Tensor | None:
+    """`fn` over the cached samples [0, stop) in batches; returns its outputs where the inputs are cached (RAM,
+    or a new file beside a spilled stream), written in place batch by batch."""
     out, x, y = None, None, None
-    hidden = inputs.hidden
-    for start in range(0, hidden.shape[0], batch_size):
-        stop = start + batch_size
-        x = hidden[start:stop].to(device)
-        y = block(x, **inputs.kwargs)
-        y = y[0] if isinstance(y, tuple) else y
+    n = hidden.shape[0] if stop is None else min(stop, hidden.shape[0])
+    for start in range(0, n, batch_size):
+        end = min(start + batch_size, n)
+        x = hidden[start:end].to(device)
+        y = fn(x)
         if keep_outputs:
             if out is None:
-                out = activations.empty_like(hidden, (hidden.shape[0], *y.shape[1:]), y.dtype)
-            out[start:stop] = y
-            activations.release(out, start, stop)
-        activations.release(hidden, start, stop)
+                out = activations.empty_like(hidden, (n, *y.shape[1:]), y.dtype)
+            out[start:end] = y
+            activations.release(out, start, end)
+        activations.release(hidden, start, end)
     del x, y
     release_freed_memory()
     return out
+
+
+def _first(y):
+    return y[0] if isinstance(y, tuple) else y
+
+
+def run_block(block: nn.Module, inputs: BlockInputs, batch_size: int, device, keep_outputs: bool = True,
+              stop: int | None = None) -> torch.Tensor | None:
+    """Forward the cached samples [0, stop) (all by default) through `block` in batches (see run_batches)."""
+    return run_batches(lambda x: _first(block(x, **inputs.kwargs)), inputs.hidden, batch_size, device,
+                       keep_outputs, stop)
+
+
+class _Stopped(Exception):
+    pass
+
+
+@contextmanager
+def stop_before(module: nn.Module):
+    """Inside, a forward that reaches `module` ends there (raising _Stopped); forward pre-hooks registered on it
+    earlier -- a HessianAccumulator -- still see its input. Saves computing what nothing reads."""
+    def hook(mod, args):
+        raise _Stopped
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# the pre-norm residual block of Llama, Mistral and Qwen2/3: h = x + attn(norm1(x)); y = h + mlp(norm2(h))
+_HALF_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+@dataclass
+class BlockHalves:
+    """A decoder block run as its two residual halves, so that calibration runs only the half a statistic needs:
+    o_proj's Hessian needs only the attention half, down_proj's only the pruned attention and the MLP up to
+    down_proj, and the pruned block's outputs only the MLP half on top of the attention half already run."""
+    block: nn.Module
+    kwargs: dict
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.block
+        return x + _first(b.self_attn(hidden_states=b.input_layernorm(x), **self.kwargs))
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        b = self.block
+        return h + b.mlp(b.post_attention_layernorm(h))
+
+    def mlp_input_stats(self, h: torch.Tensor, stop_at: nn.Module) -> None:
+        """The MLP on h only as far as `stop_at` (down_proj): its pre-hooks see the input, nothing after runs."""
+        with stop_before(stop_at):
+            try:
+                self.block.mlp(self.block.post_attention_layernorm(h))
+            except _Stopped:
+                pass
+
+
+@torch.no_grad()
+def block_halves(block: nn.Module, inputs: BlockInputs, device) -> BlockHalves | None:
+    """The block as two halves if it is the pre-norm residual form, checked on one cached sample against the
+    block's own forward; None for any other form (the caller runs the whole block instead)."""
+    if not all(isinstance(getattr(block, part, None), nn.Module) for part in _HALF_PARTS):
+        return None
+    halves = BlockHalves(block, inputs.kwargs)
+    x = inputs.hidden[:1].to(device)
+    try:
+        same = torch.allclose(halves.mlp(halves.attention(x)), _first(block(x, **inputs.kwargs)), rtol=1e-5, atol=1e-6)
+    except Exception:  # a block whose parts take other arguments: not this form
+        same = False
+    return halves if same else None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import resource
@@ -22,7 +23,8 @@ from .passes.materialize import _head_rows, _set, linear_from, set_widths_from_w
 from .passes.prune_heads import head_widths
 
 from . import __version__
-from .calibrate import BlockInputs, to_device, catch_block_inputs, collect_hessians, decoder_layers, run_block
+from .calibrate import (BlockInputs, block_halves, catch_block_inputs, collect_hessians, decoder_layers, run_batches,
+                        run_block, to_device)
 from .capture import BlockStructure, capture_block
 from .config import DISP_METHODS, CompileConfig
 from . import activations, disp, interrupt, scored, sensitivity
@@ -154,10 +156,15 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+# calibration windows the report's block error is measured on (SlimGPT's passes need no dense output otherwise)
+ERROR_WINDOWS = 16
+
+
 def _relative_error(out: torch.Tensor, dense_out: torch.Tensor, rows: int = 8) -> float:
-    """||out - dense_out||^2 / ||dense_out||^2, a few samples at a time (the streams may be spilled files)."""
+    """||out - dense_out||^2 / ||dense_out||^2 over the samples dense_out has (the first ones of out), a few at a
+    time (the streams may be spilled files)."""
     err = ref = 0.0
-    for start in range(0, out.shape[0], rows):
+    for start in range(0, dense_out.shape[0], rows):
         o, d = out[start : start + rows], dense_out[start : start + rows]
         err += float((o - d).double().pow(2).sum())
         ref += float(d.double().pow(2).sum())
@@ -169,28 +176,53 @@ def _relative_error(out: torch.Tensor, dense_out: torch.Tensor, rows: int = 8) -
 def _prune_block_slimgpt(block, s: BlockStructure, shape: BlockShape, target: LayerPlan, inputs, cfg: CompileConfig,
                          timer: StageTimer, device, state: dict) -> tuple[dict, torch.Tensor]:
     """SlimGPT (or magnitude): stats for o_proj, prune heads, stats for down_proj with the pruned attention in
-    place, prune FFN channels."""
+    place, prune FFN channels, run the pruned block. A pre-norm residual block (block_halves) is run by halves:
+    the three passes then cost about one and a half block forwards instead of three (BENCHMARKS.md §1)."""
     slimgpt = cfg.method == "slimgpt"
     head_pass = PruneHeads(cfg.method, cfg.gqa, cfg.head_score, cfg.compensate, cfg.percdamp,
                            sequential=cfg.gqa_order == "sequential")
     channel_pass = PruneChannels(cfg.method, cfg.compensate, cfg.percdamp, max_group=cfg.ffn_group_max)
+    run = functools.partial(run_batches, batch_size=cfg.batch_size, device=device)
+    halves = block_halves(block, inputs, device)
+    # pass 1, the dense block: o_proj's Hessian -- the attention half is all it needs; the whole dense output is
+    # needed only by the report's error, so with halves it is computed on the first ERROR_WINDOWS windows only
     with timer.stage("calibrate"), collect_hessians(block, [s.attention.o] if slimgpt else []) as acc:
-        dense_out = run_block(block, inputs, cfg.batch_size, device)
+        if halves is None:
+            dense_out = run_block(block, inputs, cfg.batch_size, device)
+        elif slimgpt:
+            run(halves.attention, inputs.hidden, keep_outputs=False)
+    if halves is not None:
+        with timer.stage("calibrate"):
+            dense_out = run_block(block, inputs, cfg.batch_size, device, stop=ERROR_WINDOWS)
     fits_dense = cfg.reconstruct or cfg.refit
     if fits_dense:
         with timer.stage("reconstruct" if cfg.reconstruct else "refit"):
-            dense_target = dense_out if state["dense_stream"] is inputs.hidden else run_block(
+            dense_target = dense_out if halves is None and state["dense_stream"] is inputs.hidden else run_block(
                 block, BlockInputs(state["dense_stream"], inputs.kwargs), cfg.batch_size, device)
             dense_block = copy.deepcopy(block) if cfg.refit else None
     with timer.stage("prune"):
         heads = head_pass(block, s, num_heads=target.num_attention_heads, num_kv_heads=target.num_key_value_heads,
                           hessian=acc[s.attention.o].H if slimgpt else None)
         MaterializeHeads()(block, s, result=heads)
-    down_h = None
-    if slimgpt:
-        with timer.stage("calibrate"), collect_hessians(block, [s.mlp.down]) as acc:
-            run_block(block, inputs, cfg.batch_size, device, keep_outputs=False)
-        down_h = acc[s.mlp.down].H
+    # pass 2, the pruned attention in place: down_proj's Hessian. With halves, the attention half's outputs are
+    # kept (the MLP half of pass 3 starts from them) and the MLP runs only as far as down_proj's input
+    down_h = attended = None
+    keep_attended = halves is not None and not fits_dense  # a fit after pass 2 changes the attention again
+    if slimgpt or keep_attended:
+        with timer.stage("calibrate"), collect_hessians(block, [s.mlp.down] if slimgpt else []) as acc:
+            if halves is None:
+                run_block(block, inputs, cfg.batch_size, device, keep_outputs=False)
+            else:
+                down = block.get_submodule(s.mlp.down)
+
+                def attend(x):
+                    h = halves.attention(x)
+                    if slimgpt:
+                        halves.mlp_input_stats(h, stop_at=down)
+                    return h
+
+                attended = run(attend, inputs.hidden, keep_outputs=keep_attended)
+        down_h = acc[s.mlp.down].H if slimgpt else None
     with timer.stage("prune"):
         channels = channel_pass(block, s, width=target.intermediate_size, hessian=down_h)
         MaterializeChannels()(block, s, result=channels)
@@ -212,8 +244,9 @@ def _prune_block_slimgpt(block, s: BlockStructure, shape: BlockShape, target: La
                                     cfg.batch_size, device, cfg.seed, dim_weights=weights)
     if fits_dense:
         state["dense_stream"] = dense_target
-    with timer.stage("calibrate"):
-        out = run_block(block, inputs, cfg.batch_size, device)
+    with timer.stage("calibrate"):  # pass 3, the pruned block: its outputs are the next block's inputs
+        out = run_block(block, inputs, cfg.batch_size, device) if attended is None else run(halves.mlp, attended)
+    del attended
     q, kv = head_widths(block, s)
     row = {"heads": q, "kv_heads": kv, "ffn": block.get_submodule(s.mlp.down).in_features,
            "target_ratio": target.target_ratio, "ratio": target.ratio, "rel_error": _relative_error(out, dense_out),
