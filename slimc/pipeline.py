@@ -250,7 +250,7 @@ def _prune_block_slimgpt(block, s: BlockStructure, shape: BlockShape, target: La
     q, kv = head_widths(block, s)
     row = {"heads": q, "kv_heads": kv, "ffn": block.get_submodule(s.mlp.down).in_features,
            "target_ratio": target.target_ratio, "ratio": target.ratio, "rel_error": _relative_error(out, dense_out),
-           "attn_obs_error": heads.error, "ffn_obs_error": channels.error,
+           "rel_error_windows": dense_out.shape[0], "attn_obs_error": heads.error, "ffn_obs_error": channels.error,
            "dense_heads": s.attention.num_heads, "dense_ffn": s.mlp.intermediate_size}
     if fit:
         row["reconstruct"] = {"error_before": fit.before, "error_after": fit.after, "kept": fit.kept}

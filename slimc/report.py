@@ -177,6 +177,13 @@ def write_report(r: dict, out_dir: Path) -> None:
     plot_widths(r, out_dir / "widths.png")
 
 
+def error_windows(r: dict) -> str:
+    """Which calibration windows the blocks' errors were measured on (SlimGPT measures on the first few only)."""
+    counts = {row.get("rel_error_windows") for row in r["layers"]}
+    return f"the first {counts.pop()} calibration windows" if len(counts) == 1 and None not in counts \
+        else "the calibration windows"
+
+
 def model_card(r: dict) -> str:
     """OUT/README.md: what this checkpoint is, how it was made, what was measured at compile time, how to use it."""
     plan, p, cfg = r["plan"], r["params"], r["config"]
@@ -193,7 +200,7 @@ def model_card(r: dict) -> str:
         "",
         "## Measured at compile time",
         "",
-        f"- mean relative output error of a block against its dense self on the calibration windows: "
+        f"- mean relative output error of a block against its dense self on {error_windows(r)}: "
         f"{sum(row['rel_error'] for row in r['layers']) / max(len(r['layers']), 1):.4f}",
         f"- plain-text sample: {r['sample']!r}",
     ]

@@ -89,3 +89,14 @@ def test_compile_by_halves_writes_the_same_bytes(tmp_path, monkeypatch, method):
     monkeypatch.setattr(pipeline, "block_halves", lambda *a: None)
     slimc.compile(str(d), str(tmp_path / "whole"), **kw)
     assert _digest(tmp_path / "halves") == _digest(tmp_path / "whole")
+
+
+def test_the_block_error_is_measured_on_the_first_windows_and_the_card_says_so(tmp_path):
+    d = save_tiny_dir(tmp_path / "tiny", "llama", vocab_size=300)
+    (tmp_path / "calib.txt").write_text(TEXT * 2)
+    res = slimc.compile(str(d), str(tmp_path / "out"), sparsity=0.5, calib=str(tmp_path / "calib.txt"),
+                        calib_samples=pipeline.ERROR_WINDOWS + 4, seq_len=32, chat_calib="off", keep_model=True)
+    rows = res.report["layers"]
+    assert all(r["rel_error_windows"] == pipeline.ERROR_WINDOWS and r["rel_error"] > 0 for r in rows)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"on the first {pipeline.ERROR_WINDOWS} calibration windows" in card
