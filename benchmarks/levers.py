@@ -12,7 +12,7 @@ text, and optionally the chat metrics (`--chat PROMPTS`: NLL of the dense model'
 
 Row names: `dense`, or RATIO[+LEVER...]; levers: fgN (`--ffn-group-max N`), seq (`--gqa-order sequential`),
 sched-NAME (`--schedule NAME`), refit (`--refit`), rec (`--reconstruct`), rlrX (`--reconstruct-lr X`), rw-NAME (`--reconstruct-weighting NAME`), repN
-(`--reconstruct-epochs N`), kdN (`--distill-epochs N`), klrX (`--distill-lr X`), calN (`--calib-samples N`),
+(`--reconstruct-epochs N`), rbsN (`--reconstruct-batch N`), kdN (`--distill-epochs N`), klrX (`--distill-lr X`), calN (`--calib-samples N`),
 slN (`--seq-len N`), sd (`--method slimgpt+disp`), align1 (`--align-ffn 1`).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from chat import PROMPT_SETS  # noqa: E402
 from quality import measured_compile  # noqa: E402
 
 PREFIXED = [("fg", "--ffn-group-max"), ("sched-", "--schedule"), ("rlr", "--reconstruct-lr"),
-            ("rep", "--reconstruct-epochs"), ("rw-", "--reconstruct-weighting"), ("klr", "--distill-lr"), ("kd", "--distill-epochs"),
+            ("rep", "--reconstruct-epochs"), ("rbs", "--reconstruct-batch"), ("rw-", "--reconstruct-weighting"), ("klr", "--distill-lr"), ("kd", "--distill-epochs"),
             ("cal", "--calib-samples"), ("sl", "--seq-len")]
 FLAGS = {"seq": ["--gqa-order", "sequential"], "rec": ["--reconstruct"], "refit": ["--refit"], "sd": ["--method", "slimgpt+disp"],
          "align1": ["--align-ffn", "1"]}

@@ -58,6 +58,7 @@ class CompileConfig:
     reconstruct: bool = False  # fit each pruned block's kept weights to the dense block's outputs
     reconstruct_epochs: int = 2
     reconstruct_lr: float = 3e-3  # chosen on held-out Brown 04-06 at 50 % (1e-4, 1e-3, 3e-3; BENCHMARKS §8)
+    reconstruct_batch: int | None = None  # calibration windows per Adam step; None: --batch-size
     reconstruct_weighting: str = "energy"  # energy: plain squared error; fisher: each dim by the loss's sensitivity
     # (a tie at 50 % on held-out text, BENCHMARKS.md §8: the plain one needs no backward pass)
     refit: bool = False  # closed-form refit of each pruned block's kept weights to the dense block (GPTAQ-style)
@@ -160,7 +161,8 @@ class CompileConfig:
                              "--disp-train STEPS")
         if not self.reconstruct_lr > 0:
             raise SlimcError(f"--reconstruct-lr must be positive, got {self.reconstruct_lr}")
-        for name in ("calib_samples", "seq_len", "align_ffn", "tp", "batch_size", "reconstruct_epochs", "ffn_group_max"):
+        for name in ("calib_samples", "seq_len", "align_ffn", "tp", "batch_size", "reconstruct_epochs", "reconstruct_batch",
+                     "ffn_group_max"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SlimcError(f"--{name.replace('_', '-')} must be a positive integer")
         one_of("stream", self.stream, STREAM_MODES)

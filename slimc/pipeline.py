@@ -241,7 +241,8 @@ def _prune_block_slimgpt(block, s: BlockStructure, shape: BlockShape, target: La
             fisher_weighted = cfg.reconstruct_weighting == "fisher"
             weights = state["fisher"][state["layer"]][1] if fisher_weighted else None
             fit = reconstruct_block(block, inputs, dense_target, cfg.reconstruct_epochs, cfg.reconstruct_lr,
-                                    cfg.batch_size, device, cfg.seed, dim_weights=weights)
+                                    cfg.batch_size, device, cfg.seed, dim_weights=weights,
+                                    step_batch=cfg.reconstruct_batch)
     if fits_dense:
         state["dense_stream"] = dense_target
     with timer.stage("calibrate"):  # pass 3, the pruned block: its outputs are the next block's inputs

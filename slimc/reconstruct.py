@@ -61,9 +61,11 @@ def _relative_error(block, inputs: BlockInputs, targets: torch.Tensor, idx: torc
 
 def reconstruct_block(block: nn.Module, inputs: BlockInputs, targets: torch.Tensor, epochs: int, lr: float,
                       batch_size: int, device, seed: int = 0,
-                      dim_weights: torch.Tensor | None = None) -> ReconstructResult:
+                      dim_weights: torch.Tensor | None = None, step_batch: int | None = None) -> ReconstructResult:
     """Fit the block's 2-D (linear) weights so block(inputs) ≈ targets, each output dim's squared error weighted
-    by dim_weights (None: equally); norms and biases stay as they are."""
+    by dim_weights (None: equally); norms and biases stay as they are. Each Adam step sees `step_batch` windows
+    (None: batch_size, the judge's batching)."""
+    step_batch = step_batch or batch_size
     hidden = targets.shape[-1]
     w = (torch.ones(hidden) if dim_weights is None else dim_weights.float()).to(device)
     w = w / w.mean().clamp_min(1e-30)
@@ -80,8 +82,8 @@ def reconstruct_block(block: nn.Module, inputs: BlockInputs, targets: torch.Tens
         with torch.enable_grad():
             for _ in range(epochs):
                 order = train[torch.randperm(len(train), generator=gen)]
-                for s in range(0, len(order), batch_size):
-                    b = order[s : s + batch_size]
+                for s in range(0, len(order), step_batch):
+                    b = order[s : s + step_batch]
                     y = targets[b].to(device)
                     out = block_output(block, inputs.hidden[b].to(device), inputs.kwargs)
                     # relative to the target's (weighted) energy, so one lr fits every block's scale

@@ -36,6 +36,7 @@ def test_explicit_align_ffn_wins_over_the_target_default():
     ({"chat_mix": 0}, "--chat-mix"),
     ({"chat_mix": 5}, "--chat-mix"),
     ({"reconstruct_epochs": 0}, "--reconstruct-epochs"),
+    ({"reconstruct_batch": 0}, "--reconstruct-batch"),
     ({"reconstruct_lr": 0}, "--reconstruct-lr"),
     ({"distill_epochs": -1}, "--distill-epochs"),
     ({"distill_lr": -1e-5}, "--distill-lr"),

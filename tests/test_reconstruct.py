@@ -138,3 +138,17 @@ def test_weighted_reconstruction_fits_the_dims_that_are_weighted():
     r = reconstruct_block(block, inputs, targets, epochs=30, lr=1e-4, batch_size=8, device="cpu", dim_weights=w)
     assert r.kept and r.after < 0.95 * r.before
     assert weighted_error(block) < before
+
+
+def test_step_batch_sets_the_windows_per_adam_step(monkeypatch):
+    """`step_batch` windows a step: a quarter of the judge's batch takes four times the steps over the same windows."""
+    steps = []
+    real_step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
+    block, dense, inputs, targets, model = _pruned_block_and_targets(32)
+    train = 32 - len(range(0, 32, HOLDOUT_EVERY))  # the judge keeps every HOLDOUT_EVERY-th window out of the fit
+    reconstruct_block(copy.deepcopy(block), inputs, targets, epochs=1, lr=1e-4, batch_size=8, device="cpu")
+    assert len(steps) == -(-train // 8)
+    steps.clear()
+    reconstruct_block(block, inputs, targets, epochs=1, lr=1e-4, batch_size=8, device="cpu", step_batch=2)
+    assert len(steps) == -(-train // 2)
