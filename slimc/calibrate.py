@@ -168,10 +168,15 @@ def _first(y):
     return y[0] if isinstance(y, tuple) else y
 
 
+def block_output(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder block returns (some transformers versions return them in a tuple)."""
+    return _first(block(x, **kwargs))
+
+
 def run_block(block: nn.Module, inputs: BlockInputs, batch_size: int, device, keep_outputs: bool = True,
               stop: int | None = None) -> torch.Tensor | None:
     """Forward the cached samples [0, stop) (all by default) through `block` in batches (see run_batches)."""
-    return run_batches(lambda x: _first(block(x, **inputs.kwargs)), inputs.hidden, batch_size, device,
+    return run_batches(lambda x: block_output(block, x, inputs.kwargs), inputs.hidden, batch_size, device,
                        keep_outputs, stop)
 
 
@@ -231,7 +236,8 @@ def block_halves(block: nn.Module, inputs: BlockInputs, device) -> BlockHalves |
     halves = BlockHalves(block, inputs.kwargs)
     x = inputs.hidden[:1].to(device)
     try:
-        same = torch.allclose(halves.mlp(halves.attention(x)), _first(block(x, **inputs.kwargs)), rtol=1e-5, atol=1e-6)
+        whole = block_output(block, x, inputs.kwargs)
+        same = torch.allclose(halves.mlp(halves.attention(x)), whole, rtol=1e-5, atol=1e-6)
     except Exception:  # a block whose parts take other arguments: not this form
         same = False
     return halves if same else None

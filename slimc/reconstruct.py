@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import activations
-from .calibrate import BlockInputs
+from .calibrate import BlockInputs, block_output
 
 HOLDOUT_EVERY = 8  # every 8th calibration window judges the fit instead of feeding it
 
@@ -40,11 +40,6 @@ class ReconstructResult:
     before: float  # relative squared error against the dense outputs on the held-out windows
     after: float
     kept: bool  # False: the fit did not help on the held-out windows and was undone
-
-
-def block_output(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    y = block(x, **kwargs)
-    return y[0] if isinstance(y, tuple) else y
 
 
 @torch.no_grad()

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .calibrate import BlockInputs
+from .calibrate import BlockInputs, block_output
 from .capture import BlockStructure
-from .reconstruct import block_output, judge_split
+from .reconstruct import judge_split
 from .sensitivity import spread
 
 REFIT_WINDOWS = 72  # calibration windows a refit reads (every 8th of them judges instead, as in reconstruction)

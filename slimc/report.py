@@ -69,7 +69,8 @@ def levers(cfg: dict, schedule: str, rows: list[dict], seconds: dict, distilled:
         {"lever": "refit", "setting": f"kept in {sum(f['kept'] for f in refits)}/{len(refits)} blocks"
          if cfg.get("refit") else "off", "seconds": seconds.get("refit")},
         {"lever": "reconstruct", "setting": (f"{cfg['reconstruct_epochs']} epochs, lr {cfg['reconstruct_lr']:g}, "
-                                             f"{cfg.get('reconstruct_batch') or cfg.get('batch_size')} windows a step, "  # older reports: batch_size
+                                             # reports from before --reconstruct-batch stepped on --batch-size
+                                             f"{cfg.get('reconstruct_batch') or cfg.get('batch_size')} windows a step, "
                                              f"{cfg.get('reconstruct_weighting', 'energy')}-weighted; kept in "
                                              f"{sum(f['kept'] for f in fits)}/{len(fits)} blocks")
          if cfg.get("reconstruct") else "off", "seconds": seconds.get("reconstruct")},
