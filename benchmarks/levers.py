@@ -13,7 +13,8 @@ text, and optionally the chat metrics (`--chat PROMPTS`: NLL of the dense model'
 Row names: `dense`, or RATIO[+LEVER...]; levers: fgN (`--ffn-group-max N`), seq (`--gqa-order sequential`),
 sched-NAME (`--schedule NAME`), refit (`--refit`), rec (`--reconstruct`), rlrX (`--reconstruct-lr X`), rw-NAME (`--reconstruct-weighting NAME`), repN
 (`--reconstruct-epochs N`), rbsN (`--reconstruct-batch N`), kdN (`--distill-epochs N`), klrX (`--distill-lr X`), calN (`--calib-samples N`),
-slN (`--seq-len N`), sd (`--method slimgpt+disp`), align1 (`--align-ffn 1`).
+slN (`--seq-len N`), sd (`--method slimgpt+disp`), align1 (`--align-ffn 1`), bf16 / f32 (`--compute-dtype bfloat16` /
+`float32`).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ PREFIXED = [("fg", "--ffn-group-max"), ("sched-", "--schedule"), ("rlr", "--reco
             ("rep", "--reconstruct-epochs"), ("rbs", "--reconstruct-batch"), ("rw-", "--reconstruct-weighting"), ("klr", "--distill-lr"), ("kd", "--distill-epochs"),
             ("cal", "--calib-samples"), ("sl", "--seq-len")]
 FLAGS = {"seq": ["--gqa-order", "sequential"], "rec": ["--reconstruct"], "refit": ["--refit"], "sd": ["--method", "slimgpt+disp"],
-         "align1": ["--align-ffn", "1"]}
+         "align1": ["--align-ffn", "1"], "bf16": ["--compute-dtype", "bfloat16"], "f32": ["--compute-dtype", "float32"]}
 LEVER_STAGES = ("measure", "refit", "reconstruct", "distill")
 
 

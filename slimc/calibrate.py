@@ -4,7 +4,8 @@ states live on `cache_device` (CPU when pruning on a GPU), or in files when they
 (slimc.activations)."""
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,51 @@ from .compat import CACHE_KWARGS
 
 class _Caught(Exception):
     pass
+
+
+# The dtype the decoder blocks' matmuls run in while a compile calibrates, reconstructs and distils (None: the
+# weights' own). Set once per compile (compute_dtype) rather than passed through every pass: each forward of a
+# block goes through forward_precision. Hessians are still accumulated in float32 (from the inputs the blocks
+# computed), and OBS itself runs outside these forwards in float32 / float64.
+_COMPUTE_DTYPE: ContextVar[torch.dtype | None] = ContextVar("slimc_compute_dtype", default=None)
+
+
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def bfloat16_is_fast(device) -> bool:
+    """Whether `device` runs bfloat16 matmuls natively: a CUDA GPU with bfloat16, or a CPU with AMX tiles (Xeon
+    Sapphire Rapids and later: ~11 x float32's matmul throughput on this project's machines, BENCHMARKS.md §1).
+    Elsewhere bfloat16 is emulated and slower than float32."""
+    d = torch.device(device)
+    if d.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if d.type == "cpu":
+        return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    return False
+
+
+def resolve_compute_dtype(name: str, device) -> torch.dtype:
+    """--compute-dtype: float32, bfloat16, or auto (bfloat16 where it is native, else float32)."""
+    if name == "auto":
+        return torch.bfloat16 if bfloat16_is_fast(device) else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+@contextmanager
+def compute_dtype(dtype: torch.dtype | None):
+    """Inside, forward_precision autocasts the blocks' matmuls to `dtype` (None or float32: no autocast)."""
+    token = _COMPUTE_DTYPE.set(None if dtype == torch.float32 else dtype)
+    try:
+        yield
+    finally:
+        _COMPUTE_DTYPE.reset(token)
+
+
+def forward_precision(device):
+    """The autocast context for a forward (and its backward) of model layers under the current compute dtype."""
+    dtype = _COMPUTE_DTYPE.get()
+    return nullcontext() if dtype is None else torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 @dataclass
@@ -85,7 +131,9 @@ class HessianAccumulator:
         self.H *= self.n / (self.n + m)
         self.n += m
         x = x * (2 / self.n) ** 0.5
-        self.H += (x.T @ x).double()
+        # in float32 even inside a bfloat16 forward: a bfloat16 X^T X rounds every entry of H to 3 digits
+        with torch.autocast(x.device.type, enabled=False):
+            self.H += (x.T @ x).double()
 
     def remove(self) -> torch.Tensor:
         self.handle.remove()
@@ -152,7 +200,8 @@ def run_batches(fn, hidden: torch.Tensor, batch_size: int, device, keep_outputs:
     for start in range(0, n, batch_size):
         end = min(start + batch_size, n)
         x = hidden[start:end].to(device)
-        y = fn(x)
+        with forward_precision(device):
+            y = fn(x)
         if keep_outputs:
             if out is None:
                 out = activations.empty_like(hidden, (n, *y.shape[1:]), y.dtype)

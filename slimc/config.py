@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 
+from .calibrate import COMPUTE_DTYPES
 from .chat import CHAT_CALIB_MODES, CHAT_DATA
 from .errors import SlimcError
 from .plan import GQA_MODES, HEAD_ROUNDINGS, SCHEDULES
@@ -87,6 +88,8 @@ class CompileConfig:
     align_ffn: int | None = None  # None: DEFAULT_ALIGN_FFN[target]
     tp: int = 1
     dtype: str | None = None  # None: the source model's dtype
+    # the dtype of the blocks' matmuls while calibrating, reconstructing and distilling (the weights stay float32)
+    compute_dtype: str = "float32"
     seed: int = 0
     device: str = "cpu"
     plan_only: bool = False
@@ -118,6 +121,7 @@ class CompileConfig:
         one_of("chat_data", self.chat_data, CHAT_DATA)
         one_of("reconstruct_weighting", self.reconstruct_weighting, RECONSTRUCT_WEIGHTINGS)
         one_of("disp_train_cut", self.disp_train_cut, DISP_TRAIN_CUTS)
+        one_of("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         if not 0 < self.chat_mix <= 4:
             raise SlimcError(f"--chat-mix must be in (0, 4], got {self.chat_mix}")
         if self.align_ffn is None:

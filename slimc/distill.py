@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibrate import forward_precision
 from .reconstruct import HOLDOUT_EVERY, judge_split  # noqa: F401 (HOLDOUT_EVERY: the split's period, for callers)
 
 
@@ -44,7 +45,9 @@ def _held_out_kl(student, teacher, windows: torch.Tensor, batch_size: int) -> fl
     # a pass of two models over every held-out window: minutes on CPU once fresh windows join them
     for s in tqdm(range(0, len(windows), batch_size), desc="distill: held-out KL", unit="batch", leave=False):
         ids = windows[s : s + batch_size]
-        total += float(_kl(student(ids, use_cache=False).logits, teacher(ids, use_cache=False).logits)) * len(ids)
+        with forward_precision(ids.device):
+            student_logits, teacher_logits = student(ids, use_cache=False).logits, teacher(ids, use_cache=False).logits
+        total += float(_kl(student_logits, teacher_logits)) * len(ids)
     return total / max(len(windows), 1)
 
 
@@ -73,10 +76,12 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, epoch
             for s in tqdm(range(0, len(order), batch_size), desc=f"distill {epoch}/{epochs}", unit="step",
                           leave=False):
                 ids = train[order[s : s + batch_size]]
-                with torch.no_grad():
+                with torch.no_grad(), forward_precision(device):
                     target = teacher(ids, use_cache=False).logits
                 with torch.enable_grad():
-                    loss = _kl(student(ids, use_cache=False).logits, target)
+                    with forward_precision(device):
+                        logits = student(ids, use_cache=False).logits
+                    loss = _kl(logits, target)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                 opt.step()

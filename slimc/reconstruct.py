@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import activations
-from .calibrate import BlockInputs, block_output
+from .calibrate import BlockInputs, block_output, forward_precision
 
 HOLDOUT_EVERY = 8  # every 8th calibration window judges the fit instead of feeding it
 
@@ -49,7 +49,9 @@ def _relative_error(block, inputs: BlockInputs, targets: torch.Tensor, idx: torc
     for s in range(0, len(idx), batch_size):
         b = idx[s : s + batch_size]
         y = targets[b].to(device)
-        err += float(((block_output(block, inputs.hidden[b].to(device), inputs.kwargs) - y).pow(2) * w).sum())
+        with forward_precision(device):
+            out = block_output(block, inputs.hidden[b].to(device), inputs.kwargs)
+        err += float(((out.float() - y).pow(2) * w).sum())
         ref += float((y.pow(2) * w).sum())
     return err / max(ref, 1e-30)
 
@@ -80,7 +82,8 @@ def reconstruct_block(block: nn.Module, inputs: BlockInputs, targets: torch.Tens
                 for s in range(0, len(order), step_batch):
                     b = order[s : s + step_batch]
                     y = targets[b].to(device)
-                    out = block_output(block, inputs.hidden[b].to(device), inputs.kwargs)
+                    with forward_precision(device):
+                        out = block_output(block, inputs.hidden[b].to(device), inputs.kwargs).float()
                     # relative to the target's (weighted) energy, so one lr fits every block's scale
                     loss = ((out - y).pow(2) * w).mean() / (y.pow(2) * w).mean().clamp_min(1e-30)
                     opt.zero_grad(set_to_none=True)

@@ -23,7 +23,8 @@ def greedy_sample(model, tokenizer, prompt: str = SAMPLE_PROMPT, new_tokens: int
 
 
 def build_report(cfg, plan: PruningPlan, rows: list[dict], params_before: int, params_after: int,
-                 seconds: dict, sample: str, chat_probe: dict | None = None, distilled: dict | None = None) -> dict:
+                 seconds: dict, sample: str, chat_probe: dict | None = None, distilled: dict | None = None,
+                 compute_dtype: torch.dtype = torch.float32) -> dict:
     report = {
         "config": cfg.to_dict(),
         "plan": plan.to_dict(),
@@ -36,6 +37,7 @@ def build_report(cfg, plan: PruningPlan, rows: list[dict], params_before: int, p
         },
         "seconds": seconds,
         "levers": levers(cfg.to_dict(), plan.schedule, rows, seconds, distilled),
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "sample": sample,
         "chat_probe": chat_probe,
     }
@@ -81,7 +83,8 @@ def levers(cfg: dict, schedule: str, rows: list[dict], seconds: dict, distilled:
 
 
 def levers_line(r: dict) -> str:
-    parts = []
+    # the matmuls' dtype changes both the time and (a little) the statistics: said with the levers
+    parts = [f"compute {r['compute_dtype']}"] if r.get("compute_dtype", "float32") != "float32" else []
     for lever in r.get("levers", []):
         cost = f" ({lever['seconds']:.0f}s)" if lever.get("seconds") else ""
         parts.append(f"{lever['lever']} {lever['setting']}{cost}")
