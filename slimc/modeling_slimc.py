@@ -92,8 +92,9 @@ class SlimcDecoderLayer(nn.Module):
     def write(residual: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
         if index is None:
             return residual + y
-        # scatter_add, not index_add: it exports to ONNX ScatterElements(reduction="add")
-        return residual.scatter_add(-1, index.expand(*y.shape[:-1], -1), y)
+        # scatter_add, not index_add: it exports to ONNX ScatterElements(reduction="add"). It needs one dtype where
+        # `residual + y` promotes: under autocast (slimc's bfloat16 compute) y is bfloat16, the residual float32
+        return residual.scatter_add(-1, index.expand(*y.shape[:-1], -1), y.to(residual.dtype))
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
         # the KV cache stays in kwargs under the name the model gave it: transformers calls it `past_key_values`
