@@ -150,6 +150,9 @@ def main() -> None:
     p.add_argument("--chat-tokens", type=int, default=128)
     p.add_argument("--results", required=True)
     p.add_argument("--save", metavar="DIR", help="write the distilled model here (one setting only)")
+    p.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16"],
+                   help="the matmuls' dtype while distilling (default: OUT's compile's; float32 for outputs from before "
+                        "--compute-dtype existed)")
     args = p.parse_args()
     if len(args.ppl) != len(args.chat):
         p.error("--ppl and --chat pair up: give them the same number of items")
@@ -157,6 +160,7 @@ def main() -> None:
         p.error("--save takes one setting and a DIR that does not exist yet")
 
     from slimc import chat, data
+    from slimc.calibrate import compute_dtype, resolve_compute_dtype
     from slimc.distill import distill
     from slimc.evaluate import perplexity
     from slimc.exporters.hf import PLAN_FILE
@@ -164,6 +168,8 @@ def main() -> None:
 
     out = Path(args.out)
     plan = json.loads((out / PLAN_FILE).read_text())
+    # as the compile of OUT would have distilled (its report's option; before the option: float32)
+    dtype_name = args.compute_dtype or json.loads((out / "report.json").read_text())["config"].get("compute_dtype", "float32")
     dense = load_model(plan["source_model"], dtype="float32")
     dense_key = model_fingerprint(dense.model)
     samples, n_plain = calibration_windows(plan, dense, dense_key)
@@ -188,13 +194,15 @@ def main() -> None:
         distilled = None
         if epochs:
             t = time.perf_counter()
-            distilled = distill(student.model, dense.model, train, epochs, lr, seed=plan["seed"]).__dict__
+            with compute_dtype(resolve_compute_dtype(dtype_name, "cpu")):
+                distilled = distill(student.model, dense.model, train, epochs, lr, seed=plan["seed"]).__dict__
             distilled["seconds"] = time.perf_counter() - t
             print(f"== {out.name} {setting}: {distilled}", flush=True)
         student.model.eval()
         for text, prompt_set, prompts, reference in scorings:
             key = f"{out.name} {setting} on {text}/{prompt_set}"
             row: dict = {"out": str(out), "epochs": epochs, "lr": lr, "windows": which, "text": text,
+                         "compute_dtype": dtype_name,
                          "prompts": prompt_set, "calibration_windows": list(samples.shape),
                          "distill_windows": list(train.shape)}
             if distilled is not None:

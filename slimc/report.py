@@ -83,11 +83,13 @@ def levers(cfg: dict, schedule: str, rows: list[dict], seconds: dict, distilled:
 
 
 def levers_line(r: dict) -> str:
-    # the matmuls' dtype changes both the time and (a little) the statistics: said with the levers
-    parts = [f"compute {r['compute_dtype']}"] if r.get("compute_dtype", "float32") != "float32" else []
+    parts = []
     for lever in r.get("levers", []):
         cost = f" ({lever['seconds']:.0f}s)" if lever.get("seconds") else ""
         parts.append(f"{lever['lever']} {lever['setting']}{cost}")
+    # the matmuls' dtype changes both the time and (a little) the statistics: said with the levers
+    if r.get("compute_dtype", "float32") != "float32":
+        parts.append(f"compute {r['compute_dtype']}")
     return "levers: " + ", ".join(parts)
 
 
