@@ -52,9 +52,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="round kept FFN widths to a multiple of this (default: measured per target, see README)")
     c.add_argument("--tp", type=int, default=1, help="make every layer valid for this tensor-parallel size")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the source's)")
-    c.add_argument("--compute-dtype", default="float32", choices=["auto", "float32", "bfloat16"],
+    c.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="dtype of the blocks' matmuls while calibrating, reconstructing and distilling (weights and "
-                        "statistics stay float32); auto: bfloat16 where the device runs it natively (AMX CPUs, GPUs)")
+                        "Hessians stay float32); auto (default): bfloat16 where the device runs it natively (CPUs with "
+                        "AMX, GPUs with bfloat16), else float32")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="cpu", help="cpu | cuda")
     c.add_argument("--batch-size", type=int, default=8, help="calibration samples per block forward")

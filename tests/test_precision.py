@@ -62,7 +62,7 @@ def test_a_bfloat16_compile_prunes_the_same_widths_with_close_errors(tmp_path):
     (tmp_path / "calib.txt").write_text(TEXT)
     kw = dict(sparsity=0.5, calib=str(tmp_path / "calib.txt"), calib_samples=8, seq_len=32, align_ffn=1,
               chat_calib="off", reconstruct=True)
-    f32 = slimc.compile(str(d), str(tmp_path / "f32"), **kw).report
+    f32 = slimc.compile(str(d), str(tmp_path / "f32"), compute_dtype="float32", **kw).report
     bf16 = slimc.compile(str(d), str(tmp_path / "bf16"), compute_dtype="bfloat16", **kw).report
     assert f32["compute_dtype"] == "float32" and bf16["compute_dtype"] == "bfloat16"
     assert "compute bfloat16" in (tmp_path / "bf16" / "README.md").read_text()
