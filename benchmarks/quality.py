@@ -34,19 +34,21 @@ def measured_compile(args: list[str]) -> dict:
     return json.loads(line[0][2:])
 
 
-def forward_floor(model_name: str, samples: int, seq_len: int, batch: int) -> dict:
-    """Seconds for two forward passes of the calibration set through every decoder block (no pruning)."""
+def forward_floor(model_name: str, samples: int, seq_len: int, batch: int, compute: str = "float32") -> dict:
+    """Seconds for two forward passes of the calibration set through every decoder block (no pruning), the blocks'
+    matmuls in `compute` (a --compute-dtype value: the floor of a compile that computes in it)."""
     from slimc import data
-    from slimc.calibrate import catch_block_inputs, decoder_layers, run_block
+    from slimc.calibrate import catch_block_inputs, compute_dtype, decoder_layers, resolve_compute_dtype, run_block
     from slimc.load import load_model
 
     loaded = load_model(model_name)
     ids = data.calibration_samples(loaded.tokenizer, "brown", samples, seq_len, 0)
     inputs = catch_block_inputs(loaded.model, ids)
     t0 = time.perf_counter()
-    for block in decoder_layers(loaded.model):
-        run_block(block, inputs, batch, "cpu", keep_outputs=False)
-        inputs.hidden = run_block(block, inputs, batch, "cpu")
+    with compute_dtype(resolve_compute_dtype(compute, "cpu")):
+        for block in decoder_layers(loaded.model):
+            run_block(block, inputs, batch, "cpu", keep_outputs=False)
+            inputs.hidden = run_block(block, inputs, batch, "cpu")
     return {"two_passes_s": time.perf_counter() - t0, "dense_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 

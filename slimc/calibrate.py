@@ -32,7 +32,7 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 
 def bfloat16_is_fast(device) -> bool:
     """Whether `device` runs bfloat16 matmuls natively: a CUDA GPU with bfloat16, or a CPU with AMX tiles (Xeon
-    Sapphire Rapids and later: ~11 x float32's matmul throughput on this project's machines, BENCHMARKS.md §1).
+    Sapphire Rapids and later: 11 x float32's throughput on an FFN-shaped matmul, BENCHMARKS.md §1).
     Elsewhere bfloat16 is emulated and slower than float32."""
     d = torch.device(device)
     if d.type == "cuda":

@@ -89,8 +89,8 @@ class CompileConfig:
     tp: int = 1
     dtype: str | None = None  # None: the source model's dtype
     # the dtype of the blocks' matmuls while calibrating, reconstructing and distilling (the weights stay float32);
-    # auto: bfloat16 where the device runs it natively -- a tie with float32 on held-out Brown at 20/30/50 %, about
-    # 3.6 x faster calibration on this project's AMX CPUs (BENCHMARKS.md §1)
+    # auto: bfloat16 where the device runs it natively -- a tie with float32 on held-out Brown at 20/30/50 %, the
+    # calibrate stage in 0.56 x the time on an AMX CPU (the float32 Hessians and OBS do not shrink; BENCHMARKS.md §1)
     compute_dtype: str = "auto"
     seed: int = 0
     device: str = "cpu"
