@@ -10,8 +10,15 @@ from .plan import SCHEDULES
 from .errors import Interrupted, SlimcError
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A bad option prints one line, not argparse's whole usage block (subcommand parsers inherit this class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="slimc", description="Make Hugging Face causal LMs structurally smaller.")
+    p = _OneLineParser(prog="slimc", description="Make Hugging Face causal LMs structurally smaller.")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compile", help="prune a model and write a smaller checkpoint")

@@ -142,6 +142,17 @@ def test_user_errors_are_one_line(tiny_dir, tmp_path, capsys, args, message):
     assert not (tmp_path / "o").exists() and os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("args", [["compile", "M", "-o", "X", "--compute-dtype", "float16"],
+                                  ["compile", "M"], ["eval"], ["compile", "M", "-o", "X", "--no-such-option"]])
+def test_bad_arguments_are_one_line_not_the_usage_block(capsys, args):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith("slimc") and "error: " in lines[0], err
+    assert "usage:" not in err
+
+
 def test_unsupported_architecture_refused(tmp_path, capsys):
     import transformers
 
