@@ -59,6 +59,11 @@ def compute_dtype(dtype: torch.dtype | None):
         _COMPUTE_DTYPE.reset(token)
 
 
+def active_compute_dtype() -> torch.dtype:
+    """The compute dtype the current compile runs its forwards in (float32 outside compute_dtype)."""
+    return _COMPUTE_DTYPE.get() or torch.float32
+
+
 def forward_precision(device):
     """The autocast context for a forward (and its backward) of model layers under the current compute dtype."""
     dtype = _COMPUTE_DTYPE.get()

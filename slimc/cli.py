@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from .config import DISP_TRAIN_CUTS, METHODS
+from .config import COMPUTE_DTYPES, DISP_TRAIN_CUTS, METHODS
 from .plan import SCHEDULES
 from .errors import Interrupted, SlimcError
 
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="round kept FFN widths to a multiple of this (default: measured per target, see README)")
     c.add_argument("--tp", type=int, default=1, help="make every layer valid for this tensor-parallel size")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the source's)")
-    c.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+    c.add_argument("--compute-dtype", default="auto", choices=COMPUTE_DTYPES,
                    help="dtype of the blocks' matmuls while calibrating, reconstructing and distilling (weights and "
                         "Hessians stay float32); auto (default): bfloat16 where the device runs it natively (CPUs with "
                         "AMX, GPUs with bfloat16), else float32")

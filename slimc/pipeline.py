@@ -23,8 +23,8 @@ from .passes.materialize import _head_rows, _set, linear_from, set_widths_from_w
 from .passes.prune_heads import head_widths
 
 from . import __version__
-from .calibrate import (BlockInputs, block_halves, catch_block_inputs, collect_hessians, compute_dtype, decoder_layers,
-                        resolve_compute_dtype, run_batches, run_block, to_device)
+from .calibrate import (BlockInputs, active_compute_dtype, block_halves, catch_block_inputs, collect_hessians,
+                        compute_dtype, decoder_layers, resolve_compute_dtype, run_batches, run_block, to_device)
 from .capture import BlockStructure, capture_block
 from .config import DISP_METHODS, CompileConfig
 from . import activations, disp, interrupt, scored, sensitivity
@@ -805,7 +805,7 @@ def _compile_model(cfg: CompileConfig, keep_model: bool, partial: PartialCompile
         chat_probe = chat.probe(slim, loaded.tokenizer) if chat.has_chat_template(loaded.tokenizer) else None
     timer.seconds["total"] = time.perf_counter() - t_start
     report = report_mod.build_report(cfg, plan, rows, params_before, params_after, timer.seconds, sample, chat_probe,
-                                     distilled, resolve_compute_dtype(cfg.compute_dtype, cfg.device))
+                                     distilled, active_compute_dtype())
     report["streamed"] = streamed
     if resuming:
         report["resumed"] = {"blocks_already_done": len(done_rows)}
