@@ -13,7 +13,8 @@ before q/k/v (gate/up), its o_proj (down_proj) output by its write mask -- exact
 of the kept dims compute -- and down_proj's input by the channel mask (a removed channel contributes nothing).
 Learning the channels moves budget between a block's FFN width and its hidden dims, and between blocks, by
 the LM loss; heads stay as the training-free allocation left them (the paper does not prune heads).
-Training needs the whole model for backward (activations of one window).
+Training needs the whole model for backward (activations of one window). The model's forward runs in the
+compile's compute dtype (`--compute-dtype`), like the calibration's.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from .calibrate import forward_precision
 from .layout import INDEX_SETS
 
 WARM = 3.0  # |prior logit| of the warm start: sigmoid(3) = 0.95, so early Gumbel noise flips a few dims only
@@ -208,7 +210,10 @@ def train_masks(model: nn.Module, sites: list[MaskSites], shapes, widths, init_k
             if channel_logits is not None:
                 masked.channel_masks = gumbel_sigmoid_masks(channel_logits, generator=g)
             ids = windows[order[step % len(windows)]][None]
-            ce = model(ids, labels=ids, use_cache=False).loss
+            # the frozen model's matmuls in the compile's compute dtype (bfloat16 where the CPU has AMX); the
+            # hypernetwork, the masks and the budget term stay float32, and autocast computes the loss in float32
+            with forward_precision(ids.device):
+                ce = model(ids, labels=ids, use_cache=False).loss
             kept = kept_params(masked.masks, shapes, widths, masked.channel_masks)
             loss = ce + lam * (kept / target_params).log().abs()
             opt.zero_grad()

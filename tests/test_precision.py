@@ -70,3 +70,24 @@ def test_a_bfloat16_compile_prunes_the_same_widths_with_close_errors(tmp_path):
     for a, b in zip(f32["layers"], bf16["layers"]):
         assert b["rel_error"] == pytest.approx(a["rel_error"], rel=0.1, abs=1e-3)
         assert b["reconstruct"]["error_before"] == pytest.approx(a["reconstruct"]["error_before"], rel=0.1, abs=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_disp_mask_training_runs_the_frozen_model_in_the_compute_dtype(dtype):
+    """--disp-train's forwards follow --compute-dtype like the calibration's; the masks and the budget term stay
+    float32, and a bfloat16 run still moves the kept fraction to its target."""
+    from slimc.disp_train import kept_params, train_masks
+    from test_disp import _mask_training_problem
+
+    model, layers, shapes, widths, sites = _mask_training_problem()
+    seen = []
+    handle = layers[1].mlp.up_proj.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    init = torch.ones(3, 4, 64, dtype=torch.bool)
+    target = 0.7 * float(kept_params(init.float(), shapes, widths))
+    windows = torch.randint(0, 128, (16, 16), generator=torch.Generator().manual_seed(0))
+    with compute_dtype(dtype):
+        r = train_masks(model, sites, shapes, widths, init, windows, steps=60, target_params=target, lr=0.1, lam=5.0)
+    handle.remove()
+    assert seen and set(seen) == {dtype}
+    assert abs(r.kept_fraction_last - 1) < 0.1 and r.flipped > 0
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights themselves are never cast
