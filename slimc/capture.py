@@ -7,6 +7,9 @@ What must shrink together is derived from the dataflow, not from module names:
   linear that consumes the product.
 Anything else (fused qkv or gate_up, unknown attention ops, ungated MLPs) is refused with a clear message:
 a wrong guess here would silently produce a wrong prune.
+
+`capture_structures` captures each distinct block of a model once; `block_shape` reads off the live modules how many
+parameters one query head, one KV head and one FFN channel own (the plan's cost model).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from torch import fx, nn
 
 from .compat import CACHE_KWARGS
 from .errors import SlimcError
+from .plan import BlockShape
 
 _ACTIVATIONS = {"silu", "gelu", "relu", "gelu_tanh", "tanh", "sigmoid"}
 # ops a head's data may pass through between its projection and the attention op (reshapes, RoPE, norms)
@@ -191,3 +195,55 @@ def capture_block(block: nn.Module, args: tuple, kwargs: dict) -> BlockStructure
     if block.get_submodule(s.mlp.down).in_features != s.mlp.intermediate_size:
         raise UnsupportedBlockError(f"{s.block_type}: down projection width disagrees with the MLP width")
     return s
+
+
+def block_shape(block: torch.nn.Module, s: BlockStructure) -> BlockShape:
+    """Parameters owned by one query head, one KV head and one FFN channel, read off the live modules."""
+    a, m = s.attention, s.mlp
+    lin = block.get_submodule
+
+    def has_bias(path):
+        return lin(path).bias is not None
+
+    d = a.head_dim
+    q_head = d * lin(a.q).in_features + d * has_bias(a.q) + d * lin(a.o).out_features
+    kv_head = d * (lin(a.k).in_features + lin(a.v).in_features) + d * (has_bias(a.k) + has_bias(a.v))
+    channel = lin(m.gate).in_features + lin(m.up).in_features + lin(m.down).out_features + has_bias(m.gate) + has_bias(m.up)
+    other = lin(a.o).out_features * has_bias(a.o) + lin(m.down).out_features * has_bias(m.down)
+    return BlockShape(a.num_heads, a.num_kv_heads, d, m.intermediate_size, q_head, kv_head, channel, other,
+                      hidden_size=lin(a.q).in_features, qkv_bias=has_bias(a.q), o_bias=has_bias(a.o),
+                      gate_up_bias=has_bias(m.gate), down_bias=has_bias(m.down))
+
+
+def capture_structures(layers, inputs, stream=None) -> list[BlockStructure]:
+    """Export blocks with torch.export and analyse their graphs; blocks with identical parameter shapes and
+    class share one capture (exporting all 30+ blocks would cost seconds each for no new information). A streamed
+    compile's blocks are on the meta device: each one exported is read from the source for the moment."""
+    seen: dict = {}
+    out = []
+    sample = inputs.hidden[:1, : min(16, inputs.hidden.shape[1])]
+    kwargs = _slice_kwargs(inputs.kwargs, sample.shape[1])
+    for i, block in enumerate(layers):
+        sig = (type(block), tuple((n, tuple(p.shape)) for n, p in block.named_parameters()))
+        if sig not in seen:
+            if stream:
+                stream.fetch(i)
+            seen[sig] = capture_block(block, (sample.to(next(block.parameters()).device),), kwargs)
+            if stream:
+                stream.release(i)
+        out.append(seen[sig])
+    return out
+
+
+def _slice_kwargs(kwargs: dict, length: int) -> dict:
+    """Block kwargs for a shorter sample: rotary tables and position ids are per position."""
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() >= 2:
+            if v.dim() == 4:  # [b, 1, q, k] attention mask
+                return v[..., :length, :length]
+            return v[:, :length]
+        if isinstance(v, tuple):
+            return tuple(cut(x) for x in v)
+        return v
+
+    return {k: cut(v) for k, v in kwargs.items()}

@@ -25,7 +25,7 @@ from .passes.prune_heads import head_widths
 from . import __version__
 from .calibrate import (BlockInputs, active_compute_dtype, block_halves, catch_block_inputs, collect_hessians,
                         compute_dtype, decoder_layers, resolve_compute_dtype, run_batches, run_block, to_device)
-from .capture import BlockStructure, capture_block
+from .capture import BlockStructure, block_shape, capture_structures
 from .config import DISP_METHODS, CompileConfig
 from . import activations, disp, interrupt, scored, sensitivity
 from .layout import INDEX_SETS
@@ -57,58 +57,6 @@ class StageTimer:
         t0 = time.perf_counter()
         yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-
-
-def block_shape(block: torch.nn.Module, s: BlockStructure) -> BlockShape:
-    """Parameters owned by one query head, one KV head and one FFN channel, read off the live modules."""
-    a, m = s.attention, s.mlp
-    lin = block.get_submodule
-
-    def has_bias(path):
-        return lin(path).bias is not None
-
-    d = a.head_dim
-    q_head = d * lin(a.q).in_features + d * has_bias(a.q) + d * lin(a.o).out_features
-    kv_head = d * (lin(a.k).in_features + lin(a.v).in_features) + d * (has_bias(a.k) + has_bias(a.v))
-    channel = lin(m.gate).in_features + lin(m.up).in_features + lin(m.down).out_features + has_bias(m.gate) + has_bias(m.up)
-    other = lin(a.o).out_features * has_bias(a.o) + lin(m.down).out_features * has_bias(m.down)
-    return BlockShape(a.num_heads, a.num_kv_heads, d, m.intermediate_size, q_head, kv_head, channel, other,
-                      hidden_size=lin(a.q).in_features, qkv_bias=has_bias(a.q), o_bias=has_bias(a.o),
-                      gate_up_bias=has_bias(m.gate), down_bias=has_bias(m.down))
-
-
-def capture_structures(layers, inputs, stream=None) -> list[BlockStructure]:
-    """Export blocks with torch.export and analyse their graphs; blocks with identical parameter shapes and
-    class share one capture (exporting all 30+ blocks would cost seconds each for no new information). A streamed
-    compile's blocks are on the meta device: each one exported is read from the source for the moment."""
-    seen: dict = {}
-    out = []
-    sample = inputs.hidden[:1, : min(16, inputs.hidden.shape[1])]
-    kwargs = _slice_kwargs(inputs.kwargs, sample.shape[1])
-    for i, block in enumerate(layers):
-        sig = (type(block), tuple((n, tuple(p.shape)) for n, p in block.named_parameters()))
-        if sig not in seen:
-            if stream:
-                stream.fetch(i)
-            seen[sig] = capture_block(block, (sample.to(next(block.parameters()).device),), kwargs)
-            if stream:
-                stream.release(i)
-        out.append(seen[sig])
-    return out
-
-
-def _slice_kwargs(kwargs: dict, length: int) -> dict:
-    """Block kwargs for a shorter sample: rotary tables and position ids are per position."""
-    def cut(v):
-        if isinstance(v, torch.Tensor) and v.dim() >= 2:
-            if v.dim() == 4:  # [b, 1, q, k] attention mask
-                return v[..., :length, :length]
-            return v[:, :length]
-        if isinstance(v, tuple):
-            return tuple(cut(x) for x in v)
-        return v
-
-    return {k: cut(v) for k, v in kwargs.items()}
 
 
 def prune_blocks(loaded: LoadedModel, structures: list[BlockStructure], plan: PruningPlan, inputs,

@@ -164,7 +164,7 @@ def test_channel_curve_counts_and_growth():
 
 
 def _tiny_setup():
-    from slimc.pipeline import block_shape, capture_structures
+    from slimc.capture import block_shape, capture_structures
 
     model = tiny_model("llama")
     samples = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))

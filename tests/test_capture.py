@@ -5,7 +5,7 @@ import transformers
 
 from slimc.calibrate import catch_block_inputs, decoder_layers
 from slimc.capture import UnsupportedBlockError, capture_block
-from slimc.pipeline import capture_structures
+from slimc.capture import capture_structures
 
 from conftest import tiny_model
 

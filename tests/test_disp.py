@@ -373,7 +373,7 @@ def test_bad_disp_requests_are_one_line_errors(args, message, tiny_src, tmp_path
 def _mask_training_problem():
     """A tiny 3-block Llama with its block shapes, its dense widths and the sites the masks act on."""
     from slimc.disp_train import MaskSites
-    from slimc.pipeline import block_shape
+    from slimc.capture import block_shape
 
     model = tiny_model("llama", vocab_size=128)
     layers = decoder_layers(model)

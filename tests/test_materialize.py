@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from slimc.calibrate import catch_block_inputs, collect_hessians, decoder_layers, run_block
-from slimc.pipeline import capture_structures
+from slimc.capture import capture_structures
 from slimc.materialize import build_slim_model
 from slimc.passes import (MaterializeChannels, MaterializeHeads, PassConditionError, PruneChannels, PruneHeads,
                           apply_masked_channels, apply_masked_heads)

@@ -5,7 +5,7 @@ import torch
 
 from slimc.calibrate import catch_block_inputs, collect_hessians, decoder_layers, run_block
 from slimc.passes import MaterializeChannels, MaterializeHeads, PruneChannels, PruneHeads
-from slimc.pipeline import capture_structures
+from slimc.capture import capture_structures
 from slimc.reconstruct import HOLDOUT_EVERY, reconstruct_block
 
 from conftest import tiny_model
