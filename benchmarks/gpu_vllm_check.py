@@ -13,8 +13,8 @@ cache, with vLLM's CPU attention kernels instead of the GPU ones (see BENCHMARKS
 
 What it does, each step in its own child process (a vLLM engine does not hand its GPU memory back inside a
 process, and the parent never touches CUDA, so vLLM may still fork its workers):
-  1. vLLM, dense and pruned: slimc.vllm_plugin.register(), vllm.LLM(dir); greedy outputs for a few prompts;
-     the loaded model's class and parameter shapes vs slimc.vllm_mapping.expected_vllm_params(config.json);
+  1. vLLM, dense and pruned: slimc.vllm.plugin.register(), vllm.LLM(dir); greedy outputs for a few prompts;
+     the loaded model's class and parameter shapes vs slimc.vllm.mapping.expected_vllm_params(config.json);
      generate throughput (generated tokens/s, ignore_eos, prefix caching off) at batch 1 and 64.
   2. transformers, dense and pruned, same GPU and dtype: teacher-forced on vLLM's greedy tokens; per token,
      the log-prob gap between transformers' best token and vLLM's choice (0 where they agree). bf16 kernels
@@ -116,7 +116,7 @@ def _slimc_entry_point_installed() -> bool:
 
 def _compare_params(actual: dict, config: dict) -> list[str]:
     """Differences between vLLM's loaded parameters and slimc's expectation (vocab rows may be padded to 64)."""
-    from slimc.vllm_mapping import expected_vllm_params
+    from slimc.vllm.mapping import expected_vllm_params
 
     expected = expected_vllm_params(config)
     diffs = [f"missing in vLLM: {n}" for n in expected if n not in actual]
@@ -144,8 +144,8 @@ def vllm_phase(a: argparse.Namespace) -> dict:
     import vllm
     from vllm import LLM, SamplingParams
 
-    from slimc.vllm_mapping import loaded_param_shapes
-    from slimc.vllm_plugin import register
+    from slimc.vllm.mapping import loaded_param_shapes
+    from slimc.vllm.plugin import register
 
     register()
     kwargs = dict(model=a.model, dtype=a.dtype, seed=0, max_model_len=a.max_model_len,

@@ -1,13 +1,13 @@
 """`--target vllm`: the hf checkpoint (vLLM reads the same safetensors + config.json), checked so that every
 layer is servable with tensor parallel `tp`. vLLM finds slimc's model class through the
-`vllm.general_plugins` entry point of the installed slimc package (slimc.vllm_plugin:register)."""
+`vllm.general_plugins` entry point of the installed slimc package (slimc.vllm.plugin:register)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from slimc.errors import SlimcError
-from slimc.vllm_mapping import check_tensor_parallel
+from slimc.vllm.mapping import check_tensor_parallel
 
 
 def check_servable(out_dir: Path, tp: int) -> None:

