@@ -29,9 +29,9 @@ def main() -> None:
 
     from slimc import data
     from slimc.calibrate import catch_block_inputs, compute_dtype, decoder_layers
+    from slimc.capture import block_shape, capture_structures
     from slimc.disp_train import MaskSites, train_masks
     from slimc.load import load_model
-    from slimc.capture import block_shape, capture_structures
 
     loaded = load_model(args.model)
     model, layers = loaded.model, decoder_layers(loaded.model)
@@ -39,8 +39,7 @@ def main() -> None:
     structures = capture_structures(layers, catch_block_inputs(model, windows[:1, :16]))
     shapes = [block_shape(b, s) for b, s in zip(layers, structures)]
     widths = [(s.num_heads, s.num_kv_heads, s.intermediate_size) for s in shapes]
-    sites = [MaskSites(b.input_layernorm, b.get_submodule(s.attention.o), b.post_attention_layernorm,
-                       b.get_submodule(s.mlp.down)) for b, s in zip(layers, structures)]
+    sites = [MaskSites.of(b, s) for b, s in zip(layers, structures)]
     hidden = shapes[0].hidden_size
     init_keep = torch.ones(len(layers), 4, hidden, dtype=torch.bool)
     init_keep[:, :, -64:] = False

@@ -91,6 +91,12 @@ class MaskSites:
     mlp_norm: nn.Module
     mlp_writer: nn.Module
 
+    @classmethod
+    def of(cls, block: nn.Module, structure) -> "MaskSites":
+        """The sites of a decoder block, its writers found by graph capture (a `capture.BlockStructure`)."""
+        return cls(block.input_layernorm, block.get_submodule(structure.attention.o),
+                   block.post_attention_layernorm, block.get_submodule(structure.mlp.down))
+
 
 class MaskedModel:
     """Hooks that multiply a frozen model's block reads and writes by the current dim masks ([n_layers, 4,

@@ -342,8 +342,7 @@ def _learn_disp_masks(model, layers, structures: list[BlockStructure], rows: lis
             if name in row["index_sets"]:
                 init_keep[i, k] = False
                 init_keep[i, k, row["index_sets"][name]] = True
-        sites.append(MaskSites(block.input_layernorm, block.get_submodule(s.attention.o),
-                               block.post_attention_layernorm, block.get_submodule(s.mlp.down)))
+        sites.append(MaskSites.of(block, s))
     n = samples.shape[1] // cfg.disp_seq_len
     windows = samples[:, : n * cfg.disp_seq_len].reshape(-1, cfg.disp_seq_len) if n else samples
     widths = [(row["heads"], row["kv_heads"], row["ffn"]) for row in rows]

@@ -383,7 +383,7 @@ def _mask_training_problem():
     structures = [capture_block(b, (sample,), {"position_embeddings": emb, "position_ids": pos}) for b in layers]
     shapes = [block_shape(b, s) for b, s in zip(layers, structures)]
     widths = [(8, 4, 96)] * 3
-    sites = [MaskSites(b.input_layernorm, b.self_attn.o_proj, b.post_attention_layernorm, b.mlp.down_proj) for b in layers]
+    sites = [MaskSites.of(b, s) for b, s in zip(layers, structures)]
     return model, layers, shapes, widths, sites
 
 
