@@ -1,27 +1,10 @@
 """slimc: a model compiler that makes Hugging Face causal LMs structurally smaller (SlimGPT pruning with
-non-uniform per-layer widths) and exports them for stock runtimes."""
+non-uniform per-layer widths) and exports them for stock runtimes.
+
+Importing slimc imports neither torch nor transformers (the command line answers --help and argument errors at
+once; `slimc.vllm.mapping` stays plain Python): slimc's model types are registered with transformers' Auto*
+factories by its loaders and its vLLM plugin (`slimc.load.register_auto_classes`)."""
 __version__ = "0.1.0"
-
-
-def _register_auto_classes() -> None:
-    """Make AutoConfig / AutoModelForCausalLM know slimc's model types when slimc is imported."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .modeling_slimc import CLASSES
-
-    for config_cls, lm_cls in CLASSES.values():
-        try:
-            AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
-            AutoModelForCausalLM.register(config_cls, lm_cls, exist_ok=True)
-        except TypeError:  # older transformers without exist_ok
-            try:
-                AutoConfig.register(config_cls.model_type, config_cls)
-                AutoModelForCausalLM.register(config_cls, lm_cls)
-            except ValueError:
-                pass
-
-
-_register_auto_classes()
 
 
 def compile(model, output, sparsity=0.2, **options):  # noqa: A001

@@ -27,9 +27,6 @@ class _Caught(Exception):
 _COMPUTE_DTYPE: ContextVar[torch.dtype | None] = ContextVar("slimc_compute_dtype", default=None)
 
 
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
-
-
 def bfloat16_is_fast(device) -> bool:
     """Whether `device` runs bfloat16 matmuls natively: a CUDA GPU with bfloat16, or a CPU with AMX tiles (Xeon
     Sapphire Rapids and later: 11 x float32's throughput on an FFN-shaped matmul, BENCHMARKS.md §1).

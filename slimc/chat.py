@@ -35,8 +35,6 @@ from .errors import SlimcError
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 PROMPT_SETS = ("calibration", "probe", "eval")
-CHAT_CALIB_MODES = ("auto", "on", "off")
-CHAT_DATA = ("self", "framed", "both")
 ROLES = ("system", "user", "assistant")
 SELF_GEN_VERSION = 1  # bump when the recipe of the self-generated set changes (invalidates the cache)
 SELF_GEN_DERIVED = 48  # instructions derived from the calibration text, on top of the built-in ones

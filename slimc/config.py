@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 
-from .calibrate import COMPUTE_DTYPES
-from .chat import CHAT_CALIB_MODES, CHAT_DATA
 from .errors import SlimcError
 from .plan import GQA_MODES, HEAD_ROUNDINGS, SCHEDULES
 
+# the option choices live here, without torch, so that the command line answers --help and argument errors at once
 TARGETS = ("hf", "vllm", "onnx")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # slimc.calibrate.resolve_compute_dtype
+CHAT_CALIB_MODES = ("auto", "on", "off")  # slimc.chat.chat_calibration_enabled
+CHAT_DATA = ("self", "framed", "both")  # slimc.chat: self-generated conversations, framed calibration text, or both
 METHODS = ("slimgpt", "magnitude", "wanda-sp", "flap", "disp", "slimgpt+disp")
 STREAM_MODES = ("auto", "on", "off")
 DISP_METHODS = ("disp", "slimgpt+disp")  # each block reads / writes its own subset of the hidden dims

@@ -95,10 +95,24 @@ class SourceConfig:
     dtype: torch.dtype  # the source's own dtype
 
 
+def register_auto_classes() -> None:
+    """Let transformers' AutoConfig / AutoModelForCausalLM resolve slimc's own model types (the "slimc_<family>"
+    of checkpoints written before DISP) as local code, without trust_remote_code. Any number of calls."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .modeling_slimc import CLASSES
+
+    for config_cls, lm_cls in CLASSES.values():
+        if config_cls.model_type not in CONFIG_MAPPING:
+            AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+            AutoModelForCausalLM.register(config_cls, lm_cls, exist_ok=True)
+
+
 def read_source_config(spec: str, allow_slimc: bool = False) -> SourceConfig:
     from transformers import AutoConfig
 
-    import slimc  # noqa: F401  (registers slimc's own classes with the Auto* factories)
+    register_auto_classes()
 
     path, extra = resolve_spec(spec)
     if "gguf_file" in extra:

@@ -46,3 +46,26 @@ def test_explicit_align_ffn_wins_over_the_target_default():
 def test_bad_options_are_refused(kwargs, message):
     with pytest.raises(SlimcError, match=message):
         CompileConfig("m", "o", **kwargs)
+
+
+def test_the_command_line_and_the_vllm_mapping_import_neither_torch_nor_transformers():
+    """`slimc --help` and an argument error answer at once, and slimc.vllm.mapping is the plain Python its docstring
+    says: slimc's model types are registered by its loaders, not by `import slimc` (which pulled in torch and
+    transformers, seconds before any answer)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, slimc, slimc.cli, slimc.config, slimc.vllm.mapping; "
+            "print(sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_slimc_model_types_are_registered_by_the_loader():
+    from transformers import AutoConfig
+
+    from slimc.load import register_auto_classes
+
+    register_auto_classes()
+    register_auto_classes()  # any number of calls
+    assert type(AutoConfig.for_model("slimc_llama")).__name__ == "SlimcLlamaConfig"

@@ -35,12 +35,7 @@ def _register_configs() -> None:
     """Let vLLM's config loading (transformers AutoConfig) resolve model_type "slimc_*" without
     trust_remote_code: a registered model_type is local code, so the checkpoint's auto_map is not needed."""
     try:
-        from transformers import AutoConfig
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-        from slimc.modeling_slimc import CLASSES
+        from slimc.load import register_auto_classes
     except ImportError:  # slimc's transformers classes unavailable: vLLM falls back to trust_remote_code
         return
-    for config_cls, _ in CLASSES.values():
-        if config_cls.model_type not in CONFIG_MAPPING:
-            AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+    register_auto_classes()
