@@ -62,10 +62,14 @@ def test_the_command_line_and_the_vllm_mapping_import_neither_torch_nor_transfor
 
 
 def test_slimc_model_types_are_registered_by_the_loader():
-    from transformers import AutoConfig
+    """In a fresh process (in this one an earlier test's load_model may have registered them already): the types
+    are unknown after `import slimc.load` and known after register_auto_classes, which may run any number of times."""
+    import subprocess
+    import sys
 
-    from slimc.load import register_auto_classes
-
-    register_auto_classes()
-    register_auto_classes()  # any number of calls
-    assert type(AutoConfig.for_model("slimc_llama")).__name__ == "SlimcLlamaConfig"
+    code = ("from transformers.models.auto.configuration_auto import CONFIG_MAPPING; "
+            "from transformers import AutoConfig; from slimc.load import register_auto_classes; "
+            "before = 'slimc_llama' in CONFIG_MAPPING; register_auto_classes(); register_auto_classes(); "
+            "print(before, type(AutoConfig.for_model('slimc_llama')).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "SlimcLlamaConfig"]
